@@ -1,0 +1,32 @@
+"""Shared fixtures: example paths, a seeded RNG, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.nl"))
+
+
+def example_ids():
+    return [p.stem for p in EXAMPLES]
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `nlc ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from nlc.cli import main
+
+    def run(*args):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse usage errors
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
