@@ -192,7 +192,6 @@ def parse_source(source: SourceFile) -> ast.Spec:
     header = _check_header(source)
     if header is not None:
         raise SpecError([header], source)
-    comments: list[lark.Token] = []
     try:
         tree = parser().parse(source.text)
     except UnexpectedInput as err:
