@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +102,10 @@ def wrap(indent: str, code: str, comment: str = "") -> list[str]:
     lines = [f"{indent}# {comment}"] if comment else []
     if len(indent) + len(code) <= WIDTH:
         return lines + [indent + code]
-    # split the first call whose arguments run to the end of the statement
-    m = re.search(r"\(", code)
-    if not m or not code.rstrip().endswith(")"):
+    # split the first bracket (a call, a grouping or a dict) whose contents run to the end
+    m = re.search(r"[({]", code)
+    closing = {"(": ")", "{": "}"}
+    if not m or not code.rstrip().endswith(closing[m.group(0)]):
         return lines + [indent + code]
     head, inner = code[: m.end()], code[m.end():-1]
     depth = 0
@@ -112,13 +114,13 @@ def wrap(indent: str, code: str, comment: str = "") -> list[str]:
         depth -= ch in ")]}"
         if depth < 0:
             return lines + [indent + code]
-    is_call = m.start() > 0 and (code[m.start() - 1].isalnum() or code[m.start() - 1] in "_.])")
+    is_call = m.group(0) == "{" or (m.start() > 0 and (code[m.start() - 1].isalnum() or code[m.start() - 1] in "_.])"))
     if not is_call:  # a grouping paren: no trailing comma (it would make a tuple)
         return lines + [indent + head] + wrap(indent + "    ", inner) + [indent + ")"]
     out = [indent + head]
     for a in _split_top(inner):
         out.extend(wrap(indent + "    ", a + ","))
-    out.append(indent + ")")
+    out.append(indent + closing[m.group(0)])
     return lines + out
 
 
@@ -129,19 +131,17 @@ def _prepare(plan: ModelPlan) -> None:
     """Attach printable lines to each class plan (indentation is added by the template)."""
     plan.const_lines = [ln for name, code, comment in plan.consts for ln in wrap("", f"{name} = {code}", comment)]
     for opt in plan.optimizers:
-        opt.lines = wrap("", f"optimizer = {opt.code}", opt.comment)
+        opt.lines = wrap("    ", f"optimizer = {opt.code}", opt.comment)
     for cls in plan.classes:
         cls.uses_generators = any("generators[" in a.code for a in cls.attrs)
         for a in cls.attrs:
-            a.lines = wrap("", f"self.{a.name} = {a.code}", a.comment)
-        lines = []
-        for ln in cls.body:
-            for w in wrap("    " * ln.depth, ln.code, ln.comment):
-                lines.append(w)
-        cls.lines = lines
+            a.lines = wrap(" " * 8, f"self.{a.name} = {a.code}", a.comment)
+        cls.lines = [w for ln in cls.body for w in wrap(" " * (8 + 4 * ln.depth), ln.code, ln.comment)]
+        cls.doc = [w for d in cls.doc for w in textwrap.wrap(d, WIDTH - 8, subsequent_indent="    ")] or [""]
         if cls.is_level and cls.kind == "in_context":
             persist = next((a.code for a in cls.attrs if a.name == "persist"), "False")
             cls.class_consts = list(cls.class_consts) + [("reset_never", persist)]
+        cls.const_lines = [w for k, v in cls.class_consts for w in wrap("    ", f"{k} = {v}")]
 
 
 def _finish(source: str, what: str) -> str:

@@ -30,3 +30,10 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def pytest_configure(config):
+    # Tiny models on 2 cores: one intra-op thread avoids oversubscription (10x faster backward).
+    import torch
+
+    torch.set_num_threads(1)

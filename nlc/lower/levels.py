@@ -13,6 +13,20 @@ def _int(v) -> int:
     return int(v)
 
 
+def _primary(code: str) -> str:
+    """``code`` parenthesized unless it is already a primary (a name, call or attribute)."""
+    depth = 0
+    for ch in code:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 0 and ch == " ":
+            return f"({code})"
+    return code
+
+
+_ARG = "\x00"  # placeholder for a stage's input while a pipeline is assembled
+
+
 # ---- flows -----------------------------------------------------------------------------------------
 
 _ACT = {
@@ -79,6 +93,7 @@ class _LevelEmitter:
         self.static = False  # static levels read their states as modules
         self.state_attr: dict[str, str] = {}
         self.pending_slices: list[Line] = []
+        self.flow_attrs: dict[int, str] = {}  # source offset of a learned stage -> attribute
 
     # attributes and constants
     def attr(self, want: str, code: str, span=None) -> str:
@@ -146,14 +161,37 @@ class _LevelEmitter:
                                        _line_comment(self.program, flow.span))
             return f"self.{attr}({arg}.squeeze(1)).unsqueeze(1)"
         assert k == "op", k
+        return self.op_code(flow, self.emit(flow.arg, ctx, owner, out_ctx), ctx, owner, out_ctx)
+
+    def emit_assign(self, var: str, flow: ir.Flow, ctx: str, owner: str, out_ctx: bool = False) -> list[str]:
+        """``var = <flow>``; a long pipeline becomes one statement per stage (``var = f(var)``)."""
+        ops = []
+        node = flow
+        while node.kind == "op":
+            ops.append(node)
+            node = node.arg
+        base = self.emit(node, ctx, owner, out_ctx)
+        stages = [self.op_code(op, _ARG, ctx, owner, out_ctx) for op in reversed(ops)]
+        single = base
+        for st in stages:
+            single = st.replace(_ARG, single)
+        if len(var) + len(single) <= 84 or not stages:
+            return [f"{var} = {single}"]
+        lines = [f"{var} = {base}"]
+        for st in stages:
+            lines.append(f"{var} = {st.replace(_ARG, var)}")
+        return lines
+
+    def op_code(self, flow: ir.Flow, arg: str, ctx: str, owner: str, out_ctx: bool = False) -> str:
+        """The code of one stage applied to the expression ``arg``."""
         name = flow.name
-        arg = self.emit(flow.arg, ctx, owner, out_ctx)
         if name == "linear":
             a, b = flow.param("shape")
             if out_ctx:
                 attr = self.attr(f"{owner}_linear", f"nn.Linear({_int(a)}, {_int(b)}, bias=False)", flow.span)
             else:
                 attr = self.attr(f"{owner}_linear", f"nl_flows.HeadLinear({self.H}, {_int(a)}, {_int(b)})", flow.span)
+            self.flow_attrs[flow.span.start] = attr
             return f"self.{attr}({arg})"
         if name == "conv":
             if ctx == "chunk" or out_ctx:
@@ -163,13 +201,14 @@ class _LevelEmitter:
             hp = self.H if flow.arg.per_head else 1
             attr = self.attr(f"{owner}_conv", f"nl_flows.HeadConv({hp} * {_int(width)}, {_int(flow.param('_'))})",
                              flow.span)
+            self.flow_attrs[flow.span.start] = attr
             return f"self.{attr}({arg})"
         if name == "l2norm":
             return f"nl_flows.l2norm({arg})"
         if name == "mean":
-            return f"{arg}.mean(-1, keepdim=True)"
+            return f"{_primary(arg)}.mean(-1, keepdim=True)"
         if name == "scale":
-            return f"({arg} * {_num(flow.param('_'))})"
+            return f"{_primary(arg)} * {_num(flow.param('_'))}"
         if name in _ACT:
             return _ACT[name].format(arg)
         _fail(flow.span, f"flow stage `{name}` is not lowered for this level")
@@ -247,8 +286,9 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         spec = em.memory_spec(st)
         em.state_var[st.name] = em.locals(st.name)
         if lv.init.mode == "learned" or (lv.init.mode == "from" and nested_parent is None):
-            em.attr(f"{st.name}0", f"nl_flows.MemoryInit({spec}, heads={H})",
-                    lv.clause_span("init") if "init" in dict(lv.clause_spans) else st.span)
+            em.state_attr[st.name] = em.attr(
+                f"{st.name}0", f"nl_flows.MemoryInit({spec}, heads={H})",
+                lv.clause_span("init") if "init" in dict(lv.clause_spans) else st.span)
     momentum = lv.rule == "momentum" or (lv.rule == "dgd" and lv.rule_arg("momentum") is not None)
     for st in lv.states:
         if momentum:
@@ -265,25 +305,27 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         body.append(Line("# flows that read no in-context state: computed once for the whole sequence"))
     for b in seq_bindings:
         var = em.locals(b.name)
-        code = em.emit(b.flow, "seq", b.name)
+        for j, code in enumerate(em.emit_assign(var, b.flow, "seq", b.name)):
+            body.append(Line(code, 0, "" if j else _line_comment(program, b.span)))
         em.var[b.name] = var
-        body.append(Line(f"{var} = {code}", 0, _line_comment(program, b.span)))
 
     def init_expr(st: ir.StateDecl) -> str:
         spec = em.memory_spec(st)
         if lv.init.mode == "zeros":
             return f"nl_flows.zeros_state({spec}, B, {H}, x)"
-        return f"nl_flows.expand_state(self.{st.name}0(), B)"
+        return f"nl_flows.expand_state(self.{em.state_attr[st.name]}(), B)"
 
     states = [em.state_var[s.name] for s in lv.states]
     moms = [em.mom_var[s.name] for s in lv.states] if momentum else []
     body.append(Line(f"# in-context states at the start of the sequence ({lv.init})"))
     start_lines = []
+    if nested_parent is not None:
+        body.append(Line("if start_states is None:"))
+        body.append(Line(f"raise ValueError({('level `' + lv.name + '` is nested in `' + nested_parent.name + '`: call it with the chunk states of `' + nested_parent.name + '`')!r})", 1))
     for st in lv.states:
         if nested_parent is not None:
-            start_lines.append(Line(
-                f"{em.state_var[st.name]} = {init_expr(st)} if start_states is None else "
-                f"nl_flows.expand_state(start_states[0], B)"))
+            start_lines.append(Line(f"{em.state_var[st.name]} = nl_flows.expand_state(start_states[0], B)",
+                                    0, f"init from {nested_parent.name}"))
         else:
             start_lines.append(Line(f"{em.state_var[st.name]} = {init_expr(st)}"))
     for m in moms:
@@ -307,8 +349,7 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         loop.append(Line(f"if c0 > 0 and c0 % {N} == 0:", 0, _line_comment(program, lv.reset.span)))
         for st in lv.states:
             if nested_parent is not None:
-                loop.append(Line(f"{em.state_var[st.name]} = {init_expr(st)} if start_states is None else "
-                                 f"nl_flows.expand_state(start_states[c0 // {N}], B)", 1))
+                loop.append(Line(f"{em.state_var[st.name]} = nl_flows.expand_state(start_states[c0 // {N}], B)", 1))
             else:
                 loop.append(Line(f"{em.state_var[st.name]} = {init_expr(st)}", 1))
         for m in moms:
@@ -321,9 +362,9 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         chunk_lines.append(Line("# flows that read the chunk-start states (paper eq 90)"))
     for b in chunk_bindings:
         var = em.locals(f"{b.name}_c")
-        code = em.emit(b.flow, "chunk", b.name)
+        for j, code in enumerate(em.emit_assign(var, b.flow, "chunk", b.name)):
+            chunk_lines.append(Line(code, 0, "" if j else _line_comment(program, b.span)))
         em.cvar[b.name] = var
-        chunk_lines.append(Line(f"{var} = {code}", 0, _line_comment(program, b.span)))
 
     def role(name: str) -> str:
         if lv.binding(name) is not None:
@@ -401,6 +442,8 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         code = em.emit(lv.output, "seq", out, out_ctx=True)
         body.append(Line(f"{out} = {code}", 0, _line_comment(program, lv.clause_span("output"))))
     body.append(Line(f"return ({out}, chunk_states) if keep_chunk_states else {out}"))
+    cls.class_consts.append(("flow_attrs", repr(em.flow_attrs)))
+    cls.class_consts.append(("state_attrs", repr(em.state_attr)))
     cls.attrs.insert(0, Attr("persist", repr(lv.reset.mode == "never"),
                              "keep the state across calls (reset never, or test-time learning)"))
     cls.attrs.insert(1, Attr("carry", "None"))
@@ -425,14 +468,16 @@ def lower_static(program: ir.Program, lv: ir.Level, consts, cns) -> ClassPlan:
     body.append(Line("xin = x.unsqueeze(1)  # [B, 1, T, d]"))
     for b in _topo_bindings(lv):
         var = em.locals(b.name)
+        for j, code in enumerate(em.emit_assign(var, b.flow, "seq", b.name)):
+            body.append(Line(code, 0, "" if j else _line_comment(program, b.span)))
         em.var[b.name] = var
-        body.append(Line(f"{var} = {em.emit(b.flow, 'seq', b.name)}", 0, _line_comment(program, b.span)))
     out = em.locals("out")
     body.append(Line(f"{out} = {em.emit(lv.reads, 'seq', 'reads')}.squeeze(1)"))
     if lv.output is not None:
         body.append(Line(f"{out} = {em.emit(lv.output, 'seq', out, out_ctx=True)}", 0,
                          _line_comment(program, lv.clause_span("output"))))
     body.append(Line(f"return {out}"))
+    cls.class_consts.append(("flow_attrs", repr(em.flow_attrs)))
     return cls
 
 

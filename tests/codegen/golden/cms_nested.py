@@ -1,0 +1,370 @@
+"""cms_nested: the model compiled by nlc from cms_nested.nl.
+
+Levels (the paper's level table):
+    attn         attention    every 1 tokens     attention(heads=4, window=None, rope=Tru -
+    outer        in_context   every 64 tokens    mlp(128 -> 128, hidden=256, depth=2, act gd
+    inner        in_context   every 16 tokens    mlp(128 -> 128, hidden=256, depth=2, act gd
+    pretrain     outer        every 1 steps      -                                        adamw
+Generated code: edit the spec and run `nlc compile cms_nested.nl` again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import flows as nl_flows
+from nlc.runtime import memories as nl_mem
+from nlc.runtime import ops as nl_ops
+from nlc.runtime import optim as nl_optim
+
+SPEC = {
+    "name": 'cms_nested',
+    "file": 'cms_nested.nl',
+    "hash": '2299fa1cccb9b92e83f5dce36a19adb9100361042f5f1a8f5bceb2ebc06f28a9',
+    "lr": 0.002,
+    "seq_len": 256,
+    "dims": {'d': 128, 'heads': 4, 'vocab': 256, 'layers': 2, 'seq': 256},
+}
+
+
+@dataclass
+class ModelConfig:
+    """What may change without recompiling. Widths are fixed by the spec's dims."""
+
+    vocab_size: int = 256  # cms_nested.nl:19  embed vocab -> d
+    seq_len: int = 256  # training sequence length (dims: seq)
+    layer_repeat: int = 2  # cms_nested.nl:21  block layer x layers {
+
+# ---------------------------------------------------------------------------------------------
+# memories and rules
+# ---------------------------------------------------------------------------------------------
+OUTER_RULE = nl_chunk.RuleSpec('gd')  # cms_nested.nl:29  rule gd(lr = 0.01)
+# cms_nested.nl:26  level outer : mlp(d -> d, hidden = 2 * d) {
+OUTER_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
+INNER_RULE = nl_chunk.RuleSpec('gd')  # cms_nested.nl:36  rule gd(lr = 0.01)
+# cms_nested.nl:33  level inner : mlp(d -> d, hidden = 2 * d) {
+INNER_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
+
+
+# ---------------------------------------------------------------------------------------------
+# attention `attn`
+# ---------------------------------------------------------------------------------------------
+class AttnLevel(nn.Module):
+    """Level `attn` (cms_nested.nl:23): attention, every 1 tokens.
+    state attn: attention(heads=4, window=None, rope=True)
+    4 heads of 32; full causal; rotary positions
+    """
+
+    level = 'attn'
+    kind = 'attention'
+
+    def __init__(self):
+        super().__init__()
+        # cms_nested.nl:23  level attn : attention(heads = heads)
+        self.qkv = nn.Linear(128, 384, bias=False)
+        self.proj = nn.Linear(128, 128, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(128, dim=-1)
+        q, k, v = (nl_ops.split_heads(t, 4) for t in (q, k, v))  # [B, 4, T, 32]
+        cos, sin = nl_ops.rope_cache(T, 32, device=x.device, dtype=x.dtype)
+        q, k = nl_ops.apply_rope(q, cos, sin), nl_ops.apply_rope(k, cos, sin)
+        y = nl_ops.causal_attention(q, k, v, window=None)
+        return self.proj(nl_ops.merge_heads(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# in-context `outer`
+# ---------------------------------------------------------------------------------------------
+class OuterLevel(nn.Module):
+    """Level `outer` (cms_nested.nl:26): in-context, every 64 tokens.
+    state outer: mlp(128 -> 128, hidden=256, depth=2, act=silu)
+    objective l2; rule gd(lr=0.01)
+    reset per sequence; init learned; grad through writes full; read chunk; target plain
+    """
+
+    level = 'outer'
+    kind = 'in_context'
+    period = 64
+    heads = 1
+    flow_attrs = {909: 'value_linear'}
+    state_attrs = {'outer': 'outer0'}
+    reset_never = False
+
+    def __init__(self):
+        super().__init__()
+        self.persist = False  # keep the state across calls (reset never, or test-time learning)
+        self.carry = None
+        # cms_nested.nl:26  level outer : mlp(d -> d, hidden = 2 * d) {
+        self.outer0 = nl_flows.MemoryInit(OUTER_MEMORY, heads=1)
+        # cms_nested.nl:27  let value = input | linear(d -> d)
+        self.value_linear = nl_flows.HeadLinear(1, 128, 128)
+        self.register_buffer("state_sq", torch.zeros(()), persistent=False)
+
+    def forward(self, x, keep_chunk_states=False):
+        B, T, _ = x.shape
+        xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
+        # flows that read no in-context state: computed once for the whole sequence
+        value = self.value_linear(xin)  # cms_nested.nl:27  let value = input | linear(d -> d)
+        # in-context states at the start of the sequence (learned)
+        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
+            outer, = self.carry  # persisted state (reset never / test-time learning)
+        else:
+            outer = nl_flows.expand_state(self.outer0(), B)
+        ys = []
+        chunk_states = []
+        # cms_nested.nl:30  every 64 tokens
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 64)):
+            if keep_chunk_states:
+                chunk_states.append(outer)
+            input_c = nl_flows.chunk(xin, c0, c1)
+            value_c = nl_flows.chunk(value, c0, c1)
+            # cms_nested.nl:29  rule gd(lr = 0.01)
+            # update every state with rule gd: closed-form gradients at the chunk-start state
+            y, outer, _ = nl_chunk.chunk_step(
+                OUTER_MEMORY,
+                'l2',
+                OUTER_RULE,
+                outer,
+                None,
+                nl_flows.heads(input_c, 1),
+                nl_flows.heads(value_c, 1),
+                nl_flows.heads(input_c, 1),
+                0.01,
+                None,
+                None,
+            )
+            ys.append(y)
+        self.state_sq.copy_(nl_flows.sq_norm(outer))
+        if self.persist:
+            self.carry = nl_flows.detach_carry(outer)
+        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
+        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+        return (out, chunk_states) if keep_chunk_states else out
+
+
+# ---------------------------------------------------------------------------------------------
+# in-context `inner`
+# ---------------------------------------------------------------------------------------------
+class InnerLevel(nn.Module):
+    """Level `inner` (cms_nested.nl:33): in-context, every 16 tokens.
+    state inner: mlp(128 -> 128, hidden=256, depth=2, act=silu)
+    objective l2; rule gd(lr=0.01)
+    reset every 64 tokens; init from outer; grad through writes full; read chunk; target plain
+    """
+
+    level = 'inner'
+    kind = 'in_context'
+    period = 16
+    heads = 1
+    flow_attrs = {1083: 'value_linear'}
+    state_attrs = {}
+    reset_never = False
+
+    def __init__(self):
+        super().__init__()
+        self.persist = False  # keep the state across calls (reset never, or test-time learning)
+        self.carry = None
+        # cms_nested.nl:34  let value = input | linear(d -> d)
+        self.value_linear = nl_flows.HeadLinear(1, 128, 128)
+        self.register_buffer("state_sq", torch.zeros(()), persistent=False)
+
+    def forward(self, x, start_states=None, keep_chunk_states=False):
+        B, T, _ = x.shape
+        xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
+        # flows that read no in-context state: computed once for the whole sequence
+        value = self.value_linear(xin)  # cms_nested.nl:34  let value = input | linear(d -> d)
+        # in-context states at the start of the sequence (from outer)
+        if start_states is None:
+            raise ValueError(
+                'level `inner` is nested in `outer`: call it with the chunk states of `outer`',
+            )
+        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
+            inner, = self.carry  # persisted state (reset never / test-time learning)
+        else:
+            inner = nl_flows.expand_state(start_states[0], B)  # init from outer
+        ys = []
+        chunk_states = []
+        # cms_nested.nl:37  every 16 tokens
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):
+            if c0 > 0 and c0 % 64 == 0:  # cms_nested.nl:39  reset every 64 tokens
+                inner = nl_flows.expand_state(start_states[c0 // 64], B)
+            if keep_chunk_states:
+                chunk_states.append(inner)
+            input_c = nl_flows.chunk(xin, c0, c1)
+            value_c = nl_flows.chunk(value, c0, c1)
+            # cms_nested.nl:36  rule gd(lr = 0.01)
+            # update every state with rule gd: closed-form gradients at the chunk-start state
+            y, inner, _ = nl_chunk.chunk_step(
+                INNER_MEMORY,
+                'l2',
+                INNER_RULE,
+                inner,
+                None,
+                nl_flows.heads(input_c, 1),
+                nl_flows.heads(value_c, 1),
+                nl_flows.heads(input_c, 1),
+                0.01,
+                None,
+                None,
+            )
+            ys.append(y)
+        self.state_sq.copy_(nl_flows.sq_norm(inner))
+        if self.persist:
+            self.carry = nl_flows.detach_carry(inner)
+        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
+        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+        return (out, chunk_states) if keep_chunk_states else out
+
+
+# ---------------------------------------------------------------------------------------------
+# block `layer`
+# ---------------------------------------------------------------------------------------------
+class LayerBlock(nn.Module):
+    """Block `layer` (cms_nested.nl:21), repeated 2 times: pre-norm residual sublayers x = x +
+        f(norm(x)).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.attn_norm = nl_ops.RMSNorm(128)
+        self.attn = AttnLevel()  # cms_nested.nl:23  level attn : attention(heads = heads)
+        self.outer_norm = nl_ops.RMSNorm(128)
+        self.outer = OuterLevel()  # cms_nested.nl:26  level outer : mlp(d -> d, hidden = 2 * d) {
+        self.inner_norm = nl_ops.RMSNorm(128)
+        self.inner = InnerLevel()  # cms_nested.nl:33  level inner : mlp(d -> d, hidden = 2 * d) {
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        h, outer_states = self.outer(self.outer_norm(x), keep_chunk_states=True)  # CMS ffn: nested
+        x = x + h
+        x = x + self.inner(self.inner_norm(x), start_states=outer_states)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+LEVELS = {
+    'attn': ('attention', 'every 1 tokens'),
+    'outer': ('in_context', 'every 64 tokens'),
+    'inner': ('in_context', 'every 16 tokens'),
+    'pretrain': ('outer', 'every 1 steps'),
+}
+
+
+class Model(nn.Module):
+    """`cms_nested`: embedding, 1 block kind(s), final norm, tied head.
+
+    forward(idx [B, T] int64, targets [B, T] int64 or None) -> (logits [B, T, vocab], loss or None).
+    Targets equal to -100 are ignored by the loss.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        self.embed = nn.Embedding(cfg.vocab_size, 128)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.layer = nn.ModuleList([LayerBlock() for _ in range(cfg.layer_repeat)])
+        self.norm = nl_ops.RMSNorm(128)
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.layer:
+            x = block(x)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight)  # tied head
+        loss = None
+        if targets is not None:
+            logits_flat = logits.float().flatten(0, 1)
+            loss = F.cross_entropy(logits_flat, targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # ---- in-context memories (called outside the compiled step) -------------------------------
+    def level_modules(self, name=None):
+        """Every module implementing a level (one per layer), or those of level `name`."""
+        return [m for m in self.modules() if getattr(m, "level", None) in LEVELS
+                and (name is None or m.level == name)]
+
+    def level_parameters(self, name):
+        seen, out = set(), []
+        for m in self.level_modules(name):
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @property
+    def persist_memory(self):
+        return any(getattr(m, "persist", False) for m in self.level_modules())
+
+    @persist_memory.setter
+    def persist_memory(self, value):
+        for m in self.level_modules():
+            if hasattr(m, "persist"):
+                m.persist = bool(value) or getattr(m, "reset_never", False)
+
+    def reset_memory(self):
+        for m in self.level_modules():
+            if hasattr(m, "carry"):
+                m.carry = None
+
+    def nonfinite_levels(self):
+        bad = []
+        for m in self.level_modules():
+            if not nl_flows.all_finite(m) and m.level not in bad:
+                bad.append(m.level)
+        return bad
+
+    def level_report(self):
+        out = []
+        for name, (kind, period) in LEVELS.items():
+            out.append({"name": name, "kind": kind, "period": period,
+                        "params": sum(p.numel() for p in self.level_parameters(name))})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers: the outer level
+# ---------------------------------------------------------------------------------------------
+STEPS_GROUPS = []
+
+
+def _param_groups(params, weight_decay):
+    """Decay matrices (ndim >= 2); not gains, scales or mixing weights."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizers(model, cfg=None):
+    """The optimizers of the levels updated by the outer loss, in the order of optimizer_periods().
+
+    cfg (a dict, optional): "lr" overrides the outer level's learning rate.
+    """
+    cfg = cfg or {}
+    grouped = {id(p) for name in STEPS_GROUPS for p in model.level_parameters(name)}
+    optimizers = []
+    params = [p for p in model.parameters() if id(p) not in grouped]
+    groups = _param_groups(params, 0.1)
+    # cms_nested.nl:49  rule adamw(lr = 2e-3, wd = 0.1)
+    optimizer = torch.optim.AdamW(groups, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.1)
+    if cfg.get("lr") is not None:
+        for g in optimizer.param_groups:
+            g["lr"] = cfg["lr"]
+    optimizers.append(optimizer)
+    return optimizers
+
+
+def optimizer_periods():
+    """Optimizer i steps every optimizer_periods()[i] outer steps; gradients accumulate between."""
+    return [1]

@@ -1,0 +1,580 @@
+"""hope: the model compiled by nlc from hope.nl.
+
+Levels (the paper's level table):
+    titans       in_context   every 16 tokens    residual_mlp(32 -> 32, hidden=32, depth= dgd
+    fast         in_context   every 16 tokens    mlp(128 -> 128, hidden=256, depth=2, act gd
+    mid          in_context   every 64 tokens    mlp(128 -> 128, hidden=256, depth=2, act gd
+    slow         static       never              mlp(128 -> 128, hidden=256, depth=2, act -
+    pretrain     outer        every 1 steps      -                                        adamw
+Generated code: edit the spec and run `nlc compile hope.nl` again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import flows as nl_flows
+from nlc.runtime import memories as nl_mem
+from nlc.runtime import ops as nl_ops
+from nlc.runtime import optim as nl_optim
+
+SPEC = {
+    "name": 'hope',
+    "file": 'hope.nl',
+    "hash": 'daf7b4d7af95e6691532cd4c3a796988875dea54d69928da76b7f3b7767592ba',
+    "lr": 0.002,
+    "seq_len": 256,
+    "dims": {'d': 128, 'heads': 4, 'dh': 32, 'vocab': 256, 'layers': 2, 'seq': 256},
+}
+
+
+@dataclass
+class ModelConfig:
+    """What may change without recompiling. Widths are fixed by the spec's dims."""
+
+    vocab_size: int = 256  # hope.nl:25  embed vocab -> d
+    seq_len: int = 256  # training sequence length (dims: seq)
+    layer_repeat: int = 2  # hope.nl:27  block layer x layers {
+
+# ---------------------------------------------------------------------------------------------
+# memories and rules
+# ---------------------------------------------------------------------------------------------
+TITANS_RULE = nl_chunk.RuleSpec('dgd')  # hope.nl:42  rule dgd(lr = lr, decay = retain)
+# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+TITANS_MEM_MEMORY = nl_mem.MemorySpec(
+    'residual_mlp',
+    din=32,
+    dout=32,
+    hidden=32,
+    depth=2,
+    act='silu',
+)
+# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+TITANS_MK_MEMORY = nl_mem.MemorySpec(
+    'residual_mlp',
+    din=32,
+    dout=32,
+    hidden=32,
+    depth=2,
+    act='silu',
+)
+# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+TITANS_MV_MEMORY = nl_mem.MemorySpec(
+    'residual_mlp',
+    din=32,
+    dout=32,
+    hidden=32,
+    depth=2,
+    act='silu',
+)
+# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+TITANS_META_MEMORY = nl_mem.MemorySpec(
+    'residual_mlp',
+    din=32,
+    dout=32,
+    hidden=32,
+    depth=2,
+    act='silu',
+)
+# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+TITANS_MALPHA_MEMORY = nl_mem.MemorySpec(
+    'residual_mlp',
+    din=32,
+    dout=32,
+    hidden=32,
+    depth=2,
+    act='silu',
+)
+FAST_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:50  rule gd(lr = 0.01)
+# hope.nl:47  level fast : mlp(d -> d, hidden = 2 * d) {
+FAST_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
+MID_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:57  rule gd(lr = 0.01)
+# hope.nl:54  level mid : mlp(d -> d, hidden = 2 * d) {
+MID_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
+# hope.nl:61  level slow : mlp(d -> d, hidden = 2 * d) {
+SLOW_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
+
+
+# ---------------------------------------------------------------------------------------------
+# in-context `titans`
+# ---------------------------------------------------------------------------------------------
+class TitansLevel(nn.Module):
+    """Level `titans` (hope.nl:30): in-context, every 16 tokens.
+    Per head: 4 heads.
+    state mem: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
+    state mk: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
+    state mv: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
+    state meta: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
+    state malpha: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
+    objective l2; rule dgd(lr=lr, decay=retain)
+    reset per sequence; init learned; grad through writes full; read chunk; target self
+    """
+
+    level = 'titans'
+    kind = 'in_context'
+    period = 16
+    heads = 4
+    flow_attrs = {1052: 'x_linear', 1070: 'x_conv', 1205: 'query_linear', 1368: 'out_linear'}
+    state_attrs = {'mem': 'mem0', 'mk': 'mk0', 'mv': 'mv0', 'meta': 'meta0', 'malpha': 'malpha0'}
+    reset_never = False
+
+    def __init__(self):
+        super().__init__()
+        self.persist = False  # keep the state across calls (reset never, or test-time learning)
+        self.carry = None
+        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        self.mem0 = nl_flows.MemoryInit(TITANS_MEM_MEMORY, heads=4)
+        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        self.mk0 = nl_flows.MemoryInit(TITANS_MK_MEMORY, heads=4)
+        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        self.mv0 = nl_flows.MemoryInit(TITANS_MV_MEMORY, heads=4)
+        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        self.meta0 = nl_flows.MemoryInit(TITANS_META_MEMORY, heads=4)
+        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        self.malpha0 = nl_flows.MemoryInit(TITANS_MALPHA_MEMORY, heads=4)
+        # hope.nl:31  let x = input | linear(d -> dh) | conv(4)
+        self.x_linear = nl_flows.HeadLinear(4, 128, 32)
+        # hope.nl:31  let x = input | linear(d -> dh) | conv(4)
+        self.x_conv = nl_flows.HeadConv(4 * 32, 4)
+        # hope.nl:35  let query = x | linear(dh -> dh) | l2norm
+        self.query_linear = nl_flows.HeadLinear(4, 32, 32)
+        # hope.nl:39  output linear(heads * dh -> d)
+        self.out_linear = nn.Linear(128, 128, bias=False)
+        self.register_buffer("state_sq", torch.zeros(()), persistent=False)
+
+    def forward(self, x, keep_chunk_states=False):
+        B, T, _ = x.shape
+        xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
+        # flows that read no in-context state: computed once for the whole sequence
+        # hope.nl:31  let x = input | linear(d -> dh) | conv(4)
+        x_2 = self.x_conv(self.x_linear(xin))
+        # hope.nl:35  let query = x | linear(dh -> dh) | l2norm
+        query = nl_flows.l2norm(self.query_linear(x_2))
+        # in-context states at the start of the sequence (learned)
+        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
+            # persisted state (reset never / test-time learning)
+            mem, mk, mv, meta, malpha = self.carry
+        else:
+            mem = nl_flows.expand_state(self.mem0(), B)
+            mk = nl_flows.expand_state(self.mk0(), B)
+            mv = nl_flows.expand_state(self.mv0(), B)
+            meta = nl_flows.expand_state(self.meta0(), B)
+            malpha = nl_flows.expand_state(self.malpha0(), B)
+        ys = []
+        chunk_states = []
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:43  every 16 tokens
+            if keep_chunk_states:
+                chunk_states.append(mem)
+            x_c = nl_flows.chunk(x_2, c0, c1)
+            query_c = nl_flows.chunk(query, c0, c1)
+            # flows that read the chunk-start states (paper eq 90)
+            # hope.nl:33  let key = mk(x) | l2norm
+            key_c = nl_flows.l2norm(nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(x_c, 4)))
+            # hope.nl:34  let value = mv(x)
+            value_c = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(x_c, 4))
+            # hope.nl:36  let lr = meta(x) | mean | softplus | scale(0.01)
+            lr_c = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(x_c, 4))
+            lr_c = lr_c.mean(-1, keepdim=True)
+            lr_c = F.softplus(lr_c)
+            lr_c = lr_c * 0.01
+            # hope.nl:37  let retain = malpha(x) | mean | sigmoid
+            retain_c = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(x_c, 4))
+            retain_c = retain_c.mean(-1, keepdim=True)
+            retain_c = torch.sigmoid(retain_c)
+            # target self: each memory is trained towards its own view of the values (eq 84-85)
+            mem_target = nl_mem.forward(TITANS_MEM_MEMORY, mem, nl_flows.heads(value_c, 4))
+            mk_target = nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(value_c, 4))
+            mv_target = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(value_c, 4))
+            meta_target = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(value_c, 4))
+            malpha_target = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(value_c, 4))
+            # hope.nl:42  rule dgd(lr = lr, decay = retain)
+            # update every state with rule dgd: closed-form gradients at the chunk-start state
+            y, mem, _ = nl_chunk.chunk_step(
+                TITANS_MEM_MEMORY,
+                'l2',
+                TITANS_RULE,
+                mem,
+                None,
+                nl_flows.heads(key_c, 4),
+                mem_target,
+                nl_flows.heads(query_c, 4),
+                nl_flows.gate(lr_c, 4),
+                nl_flows.gate(retain_c, 4),
+                None,
+            )
+            _, mk, _ = nl_chunk.chunk_step(
+                TITANS_MK_MEMORY,
+                'l2',
+                TITANS_RULE,
+                mk,
+                None,
+                nl_flows.heads(key_c, 4),
+                mk_target,
+                None,
+                nl_flows.gate(lr_c, 4),
+                nl_flows.gate(retain_c, 4),
+                None,
+            )
+            _, mv, _ = nl_chunk.chunk_step(
+                TITANS_MV_MEMORY,
+                'l2',
+                TITANS_RULE,
+                mv,
+                None,
+                nl_flows.heads(key_c, 4),
+                mv_target,
+                None,
+                nl_flows.gate(lr_c, 4),
+                nl_flows.gate(retain_c, 4),
+                None,
+            )
+            _, meta, _ = nl_chunk.chunk_step(
+                TITANS_META_MEMORY,
+                'l2',
+                TITANS_RULE,
+                meta,
+                None,
+                nl_flows.heads(key_c, 4),
+                meta_target,
+                None,
+                nl_flows.gate(lr_c, 4),
+                nl_flows.gate(retain_c, 4),
+                None,
+            )
+            _, malpha, _ = nl_chunk.chunk_step(
+                TITANS_MALPHA_MEMORY,
+                'l2',
+                TITANS_RULE,
+                malpha,
+                None,
+                nl_flows.heads(key_c, 4),
+                malpha_target,
+                None,
+                nl_flows.gate(lr_c, 4),
+                nl_flows.gate(retain_c, 4),
+                None,
+            )
+            ys.append(y)
+        self.state_sq.copy_(nl_flows.sq_norm(mem, mk, mv, meta, malpha))
+        if self.persist:
+            self.carry = nl_flows.detach_carry(mem, mk, mv, meta, malpha)
+        out = torch.cat(ys, dim=2)  # [B, 4, T, w]
+        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+        out = self.out_linear(out)  # hope.nl:39  output linear(heads * dh -> d)
+        return (out, chunk_states) if keep_chunk_states else out
+
+
+# ---------------------------------------------------------------------------------------------
+# in-context `fast`
+# ---------------------------------------------------------------------------------------------
+class FastLevel(nn.Module):
+    """Level `fast` (hope.nl:47): in-context, every 16 tokens.
+    state fast: mlp(128 -> 128, hidden=256, depth=2, act=silu)
+    objective l2; rule gd(lr=0.01)
+    reset per sequence; init learned; grad through writes full; read chunk; target plain
+    """
+
+    level = 'fast'
+    kind = 'in_context'
+    period = 16
+    heads = 1
+    flow_attrs = {1600: 'value_linear'}
+    state_attrs = {'fast': 'fast0'}
+    reset_never = False
+
+    def __init__(self):
+        super().__init__()
+        self.persist = False  # keep the state across calls (reset never, or test-time learning)
+        self.carry = None
+        # hope.nl:47  level fast : mlp(d -> d, hidden = 2 * d) {
+        self.fast0 = nl_flows.MemoryInit(FAST_MEMORY, heads=1)
+        # hope.nl:48  let value = input | linear(d -> d)
+        self.value_linear = nl_flows.HeadLinear(1, 128, 128)
+        self.register_buffer("state_sq", torch.zeros(()), persistent=False)
+
+    def forward(self, x, keep_chunk_states=False):
+        B, T, _ = x.shape
+        xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
+        # flows that read no in-context state: computed once for the whole sequence
+        value = self.value_linear(xin)  # hope.nl:48  let value = input | linear(d -> d)
+        # in-context states at the start of the sequence (learned)
+        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
+            fast, = self.carry  # persisted state (reset never / test-time learning)
+        else:
+            fast = nl_flows.expand_state(self.fast0(), B)
+        ys = []
+        chunk_states = []
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:51  every 16 tokens
+            if keep_chunk_states:
+                chunk_states.append(fast)
+            input_c = nl_flows.chunk(xin, c0, c1)
+            value_c = nl_flows.chunk(value, c0, c1)
+            # hope.nl:50  rule gd(lr = 0.01)
+            # update every state with rule gd: closed-form gradients at the chunk-start state
+            y, fast, _ = nl_chunk.chunk_step(
+                FAST_MEMORY,
+                'l2',
+                FAST_RULE,
+                fast,
+                None,
+                nl_flows.heads(input_c, 1),
+                nl_flows.heads(value_c, 1),
+                nl_flows.heads(input_c, 1),
+                0.01,
+                None,
+                None,
+            )
+            ys.append(y)
+        self.state_sq.copy_(nl_flows.sq_norm(fast))
+        if self.persist:
+            self.carry = nl_flows.detach_carry(fast)
+        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
+        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+        return (out, chunk_states) if keep_chunk_states else out
+
+
+# ---------------------------------------------------------------------------------------------
+# in-context `mid`
+# ---------------------------------------------------------------------------------------------
+class MidLevel(nn.Module):
+    """Level `mid` (hope.nl:54): in-context, every 64 tokens.
+    state mid: mlp(128 -> 128, hidden=256, depth=2, act=silu)
+    objective l2; rule gd(lr=0.01)
+    reset per sequence; init learned; grad through writes full; read chunk; target plain
+    """
+
+    level = 'mid'
+    kind = 'in_context'
+    period = 64
+    heads = 1
+    flow_attrs = {1772: 'value_linear'}
+    state_attrs = {'mid': 'mid0'}
+    reset_never = False
+
+    def __init__(self):
+        super().__init__()
+        self.persist = False  # keep the state across calls (reset never, or test-time learning)
+        self.carry = None
+        # hope.nl:54  level mid : mlp(d -> d, hidden = 2 * d) {
+        self.mid0 = nl_flows.MemoryInit(MID_MEMORY, heads=1)
+        # hope.nl:55  let value = input | linear(d -> d)
+        self.value_linear = nl_flows.HeadLinear(1, 128, 128)
+        self.register_buffer("state_sq", torch.zeros(()), persistent=False)
+
+    def forward(self, x, keep_chunk_states=False):
+        B, T, _ = x.shape
+        xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
+        # flows that read no in-context state: computed once for the whole sequence
+        value = self.value_linear(xin)  # hope.nl:55  let value = input | linear(d -> d)
+        # in-context states at the start of the sequence (learned)
+        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
+            mid, = self.carry  # persisted state (reset never / test-time learning)
+        else:
+            mid = nl_flows.expand_state(self.mid0(), B)
+        ys = []
+        chunk_states = []
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 64)):  # hope.nl:58  every 64 tokens
+            if keep_chunk_states:
+                chunk_states.append(mid)
+            input_c = nl_flows.chunk(xin, c0, c1)
+            value_c = nl_flows.chunk(value, c0, c1)
+            # hope.nl:57  rule gd(lr = 0.01)
+            # update every state with rule gd: closed-form gradients at the chunk-start state
+            y, mid, _ = nl_chunk.chunk_step(
+                MID_MEMORY,
+                'l2',
+                MID_RULE,
+                mid,
+                None,
+                nl_flows.heads(input_c, 1),
+                nl_flows.heads(value_c, 1),
+                nl_flows.heads(input_c, 1),
+                0.01,
+                None,
+                None,
+            )
+            ys.append(y)
+        self.state_sq.copy_(nl_flows.sq_norm(mid))
+        if self.persist:
+            self.carry = nl_flows.detach_carry(mid)
+        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
+        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+        return (out, chunk_states) if keep_chunk_states else out
+
+
+# ---------------------------------------------------------------------------------------------
+# static `slow`
+# ---------------------------------------------------------------------------------------------
+class SlowLevel(nn.Module):
+    """Level `slow` (hope.nl:61): static, never.
+    state slow: mlp(128 -> 128, hidden=256, depth=2, act=silu)
+    """
+
+    level = 'slow'
+    kind = 'static'
+    flow_attrs = {}
+
+    def __init__(self):
+        super().__init__()
+        # hope.nl:61  level slow : mlp(d -> d, hidden = 2 * d) {
+        self.slow = nl_flows.StaticMemory(SLOW_MEMORY)
+
+    def forward(self, x):
+        xin = x.unsqueeze(1)  # [B, 1, T, d]
+        out = self.slow(xin).squeeze(1)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# block `layer`
+# ---------------------------------------------------------------------------------------------
+class LayerBlock(nn.Module):
+    """Block `layer` (hope.nl:27), repeated 2 times: pre-norm residual sublayers x = x +
+        f(norm(x)).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.titans_norm = nl_ops.RMSNorm(128)
+        self.titans = TitansLevel()  # hope.nl:30  level titans per head {
+        self.fast_norm = nl_ops.RMSNorm(128)
+        self.fast = FastLevel()  # hope.nl:47  level fast : mlp(d -> d, hidden = 2 * d) {
+        self.mid_norm = nl_ops.RMSNorm(128)
+        self.mid = MidLevel()  # hope.nl:54  level mid : mlp(d -> d, hidden = 2 * d) {
+        self.slow_norm = nl_ops.RMSNorm(128)
+        self.slow = SlowLevel()  # hope.nl:61  level slow : mlp(d -> d, hidden = 2 * d) {
+
+    def forward(self, x):
+        x = x + self.titans(self.titans_norm(x))
+        x = x + self.fast(self.fast_norm(x))  # CMS ffn: sequential
+        x = x + self.mid(self.mid_norm(x))
+        x = x + self.slow(self.slow_norm(x))
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+LEVELS = {
+    'titans': ('in_context', 'every 16 tokens'),
+    'fast': ('in_context', 'every 16 tokens'),
+    'mid': ('in_context', 'every 64 tokens'),
+    'slow': ('static', 'never'),
+    'pretrain': ('outer', 'every 1 steps'),
+}
+
+
+class Model(nn.Module):
+    """`hope`: embedding, 1 block kind(s), final norm, tied head.
+
+    forward(idx [B, T] int64, targets [B, T] int64 or None) -> (logits [B, T, vocab], loss or None).
+    Targets equal to -100 are ignored by the loss.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        self.embed = nn.Embedding(cfg.vocab_size, 128)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.layer = nn.ModuleList([LayerBlock() for _ in range(cfg.layer_repeat)])
+        self.norm = nl_ops.RMSNorm(128)
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.layer:
+            x = block(x)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight)  # tied head
+        loss = None
+        if targets is not None:
+            logits_flat = logits.float().flatten(0, 1)
+            loss = F.cross_entropy(logits_flat, targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # ---- in-context memories (called outside the compiled step) -------------------------------
+    def level_modules(self, name=None):
+        """Every module implementing a level (one per layer), or those of level `name`."""
+        return [m for m in self.modules() if getattr(m, "level", None) in LEVELS
+                and (name is None or m.level == name)]
+
+    def level_parameters(self, name):
+        seen, out = set(), []
+        for m in self.level_modules(name):
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @property
+    def persist_memory(self):
+        return any(getattr(m, "persist", False) for m in self.level_modules())
+
+    @persist_memory.setter
+    def persist_memory(self, value):
+        for m in self.level_modules():
+            if hasattr(m, "persist"):
+                m.persist = bool(value) or getattr(m, "reset_never", False)
+
+    def reset_memory(self):
+        for m in self.level_modules():
+            if hasattr(m, "carry"):
+                m.carry = None
+
+    def nonfinite_levels(self):
+        bad = []
+        for m in self.level_modules():
+            if not nl_flows.all_finite(m) and m.level not in bad:
+                bad.append(m.level)
+        return bad
+
+    def level_report(self):
+        out = []
+        for name, (kind, period) in LEVELS.items():
+            out.append({"name": name, "kind": kind, "period": period,
+                        "params": sum(p.numel() for p in self.level_parameters(name))})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers: the outer level
+# ---------------------------------------------------------------------------------------------
+STEPS_GROUPS = []
+
+
+def _param_groups(params, weight_decay):
+    """Decay matrices (ndim >= 2); not gains, scales or mixing weights."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizers(model, cfg=None):
+    """The optimizers of the levels updated by the outer loss, in the order of optimizer_periods().
+
+    cfg (a dict, optional): "lr" overrides the outer level's learning rate.
+    """
+    cfg = cfg or {}
+    grouped = {id(p) for name in STEPS_GROUPS for p in model.level_parameters(name)}
+    optimizers = []
+    params = [p for p in model.parameters() if id(p) not in grouped]
+    groups = _param_groups(params, 0.1)
+    # hope.nl:72  rule adamw(lr = 2e-3, wd = 0.1)
+    optimizer = torch.optim.AdamW(groups, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.1)
+    if cfg.get("lr") is not None:
+        for g in optimizer.param_groups:
+            g["lr"] = cfg["lr"]
+    optimizers.append(optimizer)
+    return optimizers
+
+
+def optimizer_periods():
+    """Optimizer i steps every optimizer_periods()[i] outer steps; gradients accumulate between."""
+    return [1]

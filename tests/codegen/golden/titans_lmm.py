@@ -1,0 +1,332 @@
+"""titans_lmm: the model compiled by nlc from titans_lmm.nl.
+
+Levels (the paper's level table):
+    memory       in_context   every 16 tokens    mlp(32 -> 32, hidden=64, depth=2, act=si momentum
+    ffn          static       never              swiglu(128 -> 128, hidden=512)           -
+    pretrain     outer        every 1 steps      -                                        adamw
+Generated code: edit the spec and run `nlc compile titans_lmm.nl` again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import flows as nl_flows
+from nlc.runtime import memories as nl_mem
+from nlc.runtime import ops as nl_ops
+from nlc.runtime import optim as nl_optim
+
+SPEC = {
+    "name": 'titans_lmm',
+    "file": 'titans_lmm.nl',
+    "hash": 'd3436c057c28a9c3303302a3ace94d658c5067734da298af913966c5b2dd575d',
+    "lr": 0.002,
+    "seq_len": 256,
+    "dims": {'d': 128, 'heads': 4, 'dh': 32, 'vocab': 256, 'layers': 2, 'seq': 256},
+}
+
+
+@dataclass
+class ModelConfig:
+    """What may change without recompiling. Widths are fixed by the spec's dims."""
+
+    vocab_size: int = 256  # titans_lmm.nl:21  embed vocab -> d
+    seq_len: int = 256  # training sequence length (dims: seq)
+    layer_repeat: int = 2  # titans_lmm.nl:23  block layer x layers {
+
+# ---------------------------------------------------------------------------------------------
+# memories and rules
+# ---------------------------------------------------------------------------------------------
+# titans_lmm.nl:35  rule momentum(lr = theta, momentum = eta, decay = retain)
+MEMORY_RULE = nl_chunk.RuleSpec('momentum')
+# titans_lmm.nl:26  level memory per head : mlp(dh -> dh, hidden = 2 * dh, depth = 2, a...
+MEMORY_MEMORY = nl_mem.MemorySpec('mlp', din=32, dout=32, hidden=64, depth=2, act='silu')
+# titans_lmm.nl:43  level ffn : swiglu(d -> d, hidden = 4 * d) {
+FFN_MEMORY = nl_mem.MemorySpec('swiglu', din=128, dout=128, hidden=512)
+
+
+# ---------------------------------------------------------------------------------------------
+# in-context `memory`
+# ---------------------------------------------------------------------------------------------
+class MemoryLevel(nn.Module):
+    """Level `memory` (titans_lmm.nl:26): in-context, every 16 tokens.
+    Per head: 4 heads.
+    state memory: mlp(32 -> 32, hidden=64, depth=2, act=silu)
+    objective l2; rule momentum(lr=theta, momentum=eta, decay=retain)
+    reset per sequence; init learned; grad through writes full; read chunk; target plain
+    """
+
+    level = 'memory'
+    kind = 'in_context'
+    period = 16
+    heads = 4
+    flow_attrs = {
+        984: 'key_linear',
+        1002: 'key_conv',
+        1052: 'value_linear',
+        1070: 'value_conv',
+        1111: 'query_linear',
+        1129: 'query_conv',
+        1179: 'theta_linear',
+        1241: 'eta_linear',
+        1293: 'retain_linear',
+        1331: 'out_linear',
+    }
+    state_attrs = {'memory': 'memory0'}
+    reset_never = False
+
+    def __init__(self):
+        super().__init__()
+        self.persist = False  # keep the state across calls (reset never, or test-time learning)
+        self.carry = None
+        self.memory0 = nl_flows.MemoryInit(MEMORY_MEMORY, heads=4)  # titans_lmm.nl:38  init learned
+        # titans_lmm.nl:27  let key = input | linear(d -> dh) | conv(4) | silu | l2norm
+        self.key_linear = nl_flows.HeadLinear(4, 128, 32)
+        # titans_lmm.nl:27  let key = input | linear(d -> dh) | conv(4) | silu | l2norm
+        self.key_conv = nl_flows.HeadConv(4 * 32, 4)
+        # titans_lmm.nl:28  let value = input | linear(d -> dh) | conv(4) | silu
+        self.value_linear = nl_flows.HeadLinear(4, 128, 32)
+        # titans_lmm.nl:28  let value = input | linear(d -> dh) | conv(4) | silu
+        self.value_conv = nl_flows.HeadConv(4 * 32, 4)
+        # titans_lmm.nl:29  let query = input | linear(d -> dh) | conv(4) | silu | l2norm
+        self.query_linear = nl_flows.HeadLinear(4, 128, 32)
+        # titans_lmm.nl:29  let query = input | linear(d -> dh) | conv(4) | silu | l2norm
+        self.query_conv = nl_flows.HeadConv(4 * 32, 4)
+        # titans_lmm.nl:30  let theta = input | linear(d -> 1) | sigmoid | scale(0.1)
+        self.theta_linear = nl_flows.HeadLinear(4, 128, 1)
+        # titans_lmm.nl:31  let eta = input | linear(d -> 1) | sigmoid
+        self.eta_linear = nl_flows.HeadLinear(4, 128, 1)
+        # titans_lmm.nl:32  let retain = input | linear(d -> 1) | sigmoid
+        self.retain_linear = nl_flows.HeadLinear(4, 128, 1)
+        # titans_lmm.nl:33  output linear(heads * dh -> d)
+        self.out_linear = nn.Linear(128, 128, bias=False)
+        self.register_buffer("state_sq", torch.zeros(()), persistent=False)
+
+    def forward(self, x, keep_chunk_states=False):
+        B, T, _ = x.shape
+        xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
+        # flows that read no in-context state: computed once for the whole sequence
+        # titans_lmm.nl:27  let key = input | linear(d -> dh) | conv(4) | silu | l2norm
+        key = nl_flows.l2norm(F.silu(self.key_conv(self.key_linear(xin))))
+        # titans_lmm.nl:28  let value = input | linear(d -> dh) | conv(4) | silu
+        value = F.silu(self.value_conv(self.value_linear(xin)))
+        # titans_lmm.nl:29  let query = input | linear(d -> dh) | conv(4) | silu | l2norm
+        query = nl_flows.l2norm(F.silu(self.query_conv(self.query_linear(xin))))
+        # titans_lmm.nl:30  let theta = input | linear(d -> 1) | sigmoid | scale(0.1)
+        theta = torch.sigmoid(self.theta_linear(xin)) * 0.1
+        # titans_lmm.nl:31  let eta = input | linear(d -> 1) | sigmoid
+        eta = torch.sigmoid(self.eta_linear(xin))
+        # titans_lmm.nl:32  let retain = input | linear(d -> 1) | sigmoid
+        retain = torch.sigmoid(self.retain_linear(xin))
+        # in-context states at the start of the sequence (learned)
+        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
+            memory, memory_s = self.carry  # persisted state (reset never / test-time learning)
+        else:
+            memory = nl_flows.expand_state(self.memory0(), B)
+            memory_s = None  # momentum starts at zero
+        ys = []
+        chunk_states = []
+        # titans_lmm.nl:36  every 16 tokens
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):
+            if keep_chunk_states:
+                chunk_states.append(memory)
+            key_c = nl_flows.chunk(key, c0, c1)
+            value_c = nl_flows.chunk(value, c0, c1)
+            query_c = nl_flows.chunk(query, c0, c1)
+            theta_c = nl_flows.chunk(theta, c0, c1)
+            retain_c = nl_flows.chunk(retain, c0, c1)
+            eta_c = nl_flows.chunk(eta, c0, c1)
+            # titans_lmm.nl:35  rule momentum(lr = theta, momentum = eta, decay = retain)
+            # update every state with rule momentum: closed-form gradients at the chunk-start state
+            y, memory, memory_s = nl_chunk.chunk_step(
+                MEMORY_MEMORY,
+                'l2',
+                MEMORY_RULE,
+                memory,
+                memory_s,
+                nl_flows.heads(key_c, 4),
+                nl_flows.heads(value_c, 4),
+                nl_flows.heads(query_c, 4),
+                nl_flows.gate(theta_c, 4),
+                nl_flows.gate(retain_c, 4),
+                nl_flows.gate(eta_c, 4),
+            )
+            ys.append(y)
+        self.state_sq.copy_(nl_flows.sq_norm(memory))
+        if self.persist:
+            self.carry = nl_flows.detach_carry(memory, memory_s)
+        out = torch.cat(ys, dim=2)  # [B, 4, T, w]
+        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+        out = self.out_linear(out)  # titans_lmm.nl:33  output linear(heads * dh -> d)
+        return (out, chunk_states) if keep_chunk_states else out
+
+
+# ---------------------------------------------------------------------------------------------
+# static `ffn`
+# ---------------------------------------------------------------------------------------------
+class FfnLevel(nn.Module):
+    """Level `ffn` (titans_lmm.nl:43): static, never.
+    state ffn: swiglu(128 -> 128, hidden=512)
+    """
+
+    level = 'ffn'
+    kind = 'static'
+    flow_attrs = {}
+
+    def __init__(self):
+        super().__init__()
+        # titans_lmm.nl:43  level ffn : swiglu(d -> d, hidden = 4 * d) {
+        self.ffn = nl_flows.StaticMemory(FFN_MEMORY)
+
+    def forward(self, x):
+        xin = x.unsqueeze(1)  # [B, 1, T, d]
+        out = self.ffn(xin).squeeze(1)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# block `layer`
+# ---------------------------------------------------------------------------------------------
+class LayerBlock(nn.Module):
+    """Block `layer` (titans_lmm.nl:23), repeated 2 times: pre-norm residual sublayers x = x +
+        f(norm(x)).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.memory_norm = nl_ops.RMSNorm(128)
+        # titans_lmm.nl:26  level memory per head : mlp(dh -> dh, hidden = 2 * dh, depth = 2, a...
+        self.memory = MemoryLevel()
+        self.ffn_norm = nl_ops.RMSNorm(128)
+        self.ffn = FfnLevel()  # titans_lmm.nl:43  level ffn : swiglu(d -> d, hidden = 4 * d) {
+
+    def forward(self, x):
+        x = x + self.memory(self.memory_norm(x))
+        x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+LEVELS = {
+    'memory': ('in_context', 'every 16 tokens'),
+    'ffn': ('static', 'never'),
+    'pretrain': ('outer', 'every 1 steps'),
+}
+
+
+class Model(nn.Module):
+    """`titans_lmm`: embedding, 1 block kind(s), final norm, tied head.
+
+    forward(idx [B, T] int64, targets [B, T] int64 or None) -> (logits [B, T, vocab], loss or None).
+    Targets equal to -100 are ignored by the loss.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        self.embed = nn.Embedding(cfg.vocab_size, 128)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.layer = nn.ModuleList([LayerBlock() for _ in range(cfg.layer_repeat)])
+        self.norm = nl_ops.RMSNorm(128)
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.layer:
+            x = block(x)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight)  # tied head
+        loss = None
+        if targets is not None:
+            logits_flat = logits.float().flatten(0, 1)
+            loss = F.cross_entropy(logits_flat, targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # ---- in-context memories (called outside the compiled step) -------------------------------
+    def level_modules(self, name=None):
+        """Every module implementing a level (one per layer), or those of level `name`."""
+        return [m for m in self.modules() if getattr(m, "level", None) in LEVELS
+                and (name is None or m.level == name)]
+
+    def level_parameters(self, name):
+        seen, out = set(), []
+        for m in self.level_modules(name):
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @property
+    def persist_memory(self):
+        return any(getattr(m, "persist", False) for m in self.level_modules())
+
+    @persist_memory.setter
+    def persist_memory(self, value):
+        for m in self.level_modules():
+            if hasattr(m, "persist"):
+                m.persist = bool(value) or getattr(m, "reset_never", False)
+
+    def reset_memory(self):
+        for m in self.level_modules():
+            if hasattr(m, "carry"):
+                m.carry = None
+
+    def nonfinite_levels(self):
+        bad = []
+        for m in self.level_modules():
+            if not nl_flows.all_finite(m) and m.level not in bad:
+                bad.append(m.level)
+        return bad
+
+    def level_report(self):
+        out = []
+        for name, (kind, period) in LEVELS.items():
+            out.append({"name": name, "kind": kind, "period": period,
+                        "params": sum(p.numel() for p in self.level_parameters(name))})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers: the outer level
+# ---------------------------------------------------------------------------------------------
+STEPS_GROUPS = []
+
+
+def _param_groups(params, weight_decay):
+    """Decay matrices (ndim >= 2); not gains, scales or mixing weights."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizers(model, cfg=None):
+    """The optimizers of the levels updated by the outer loss, in the order of optimizer_periods().
+
+    cfg (a dict, optional): "lr" overrides the outer level's learning rate.
+    """
+    cfg = cfg or {}
+    grouped = {id(p) for name in STEPS_GROUPS for p in model.level_parameters(name)}
+    optimizers = []
+    params = [p for p in model.parameters() if id(p) not in grouped]
+    groups = _param_groups(params, 0.1)
+    # titans_lmm.nl:53  rule adamw(lr = 2e-3, wd = 0.1)
+    optimizer = torch.optim.AdamW(groups, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.1)
+    if cfg.get("lr") is not None:
+        for g in optimizer.param_groups:
+            g["lr"] = cfg["lr"]
+    optimizers.append(optimizer)
+    return optimizers
+
+
+def optimizer_periods():
+    """Optimizer i steps every optimizer_periods()[i] outer steps; gradients accumulate between."""
+    return [1]
