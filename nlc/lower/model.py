@@ -65,10 +65,15 @@ def _optimizer_code(program: ir.Program, owner: ir.Level, rule_level: ir.Level) 
     fail(lv.clause_span("rule"), f"rule `{r}` of level `{owner.name}` is not lowered")
 
 
+_M3_NAMED = ("accumulate", "precondition", "slow_sign", "slow_beta", "slow_timing", "eps_placement")
+
+
 def _m3(lv, lr, wd, out) -> str:
+    named = "".join(f", {k}={str(lv.rule_arg(k).value)!r}" for k in _M3_NAMED if lv.rule_arg(k) is not None)
     return (f"nl_optim.M3(groups, lr={lr}, betas=({num(_hyper(lv, 'beta1', 0.9))}, {num(_hyper(lv, 'beta2', 0.999))}, "
             f"{num(_hyper(lv, 'beta3', 0.9))}), alpha={num(_hyper(lv, 'alpha', 1.0))}, eps={num(_hyper(lv, 'eps', 1e-8))}, "
-            f"ns_steps={int(_hyper(lv, 'ns_steps', 5))}, slow_period={int(_hyper(lv, 'slow', 100))}, weight_decay={wd}{out})")
+            f"ns_steps={int(_hyper(lv, 'ns_steps', 5))}, slow_period={int(_hyper(lv, 'slow', 100))}, "
+            f"weight_decay={wd}{named}{out})")
 
 
 def _block_plan(program, block: ir.Block, level_cls: dict, group_cls: dict, cns) -> ClassPlan:

@@ -25,7 +25,7 @@ from nlc.runtime import optim as nl_optim
 SPEC = {
     "name": 'cms_nested',
     "file": 'cms_nested.nl',
-    "hash": '2299fa1cccb9b92e83f5dce36a19adb9100361042f5f1a8f5bceb2ebc06f28a9',
+    "hash": '13fbbfccf6567386bde73aefe42dc2eeabdb58107f9d5f24a79ef016b92af8fe',
     "lr": 0.002,
     "seq_len": 256,
     "dims": {'d': 128, 'heads': 4, 'vocab': 256, 'layers': 2, 'seq': 256},
@@ -36,18 +36,18 @@ SPEC = {
 class ModelConfig:
     """What may change without recompiling. Widths are fixed by the spec's dims."""
 
-    vocab_size: int = 256  # cms_nested.nl:19  embed vocab -> d
+    vocab_size: int = 256  # cms_nested.nl:20  embed vocab -> d
     seq_len: int = 256  # training sequence length (dims: seq)
-    layer_repeat: int = 2  # cms_nested.nl:21  block layer x layers {
+    layer_repeat: int = 2  # cms_nested.nl:22  block layer x layers {
 
 # ---------------------------------------------------------------------------------------------
 # memories and rules
 # ---------------------------------------------------------------------------------------------
-OUTER_RULE = nl_chunk.RuleSpec('gd')  # cms_nested.nl:29  rule gd(lr = 0.01)
-# cms_nested.nl:26  level outer : mlp(d -> d, hidden = 2 * d) {
+OUTER_RULE = nl_chunk.RuleSpec('gd')  # cms_nested.nl:32  rule gd(lr = 0.01)
+# cms_nested.nl:27  level outer : mlp(d -> d, hidden = 2 * d) {
 OUTER_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
-INNER_RULE = nl_chunk.RuleSpec('gd')  # cms_nested.nl:36  rule gd(lr = 0.01)
-# cms_nested.nl:33  level inner : mlp(d -> d, hidden = 2 * d) {
+INNER_RULE = nl_chunk.RuleSpec('gd')  # cms_nested.nl:41  rule gd(lr = 0.01)
+# cms_nested.nl:36  level inner : mlp(d -> d, hidden = 2 * d) {
 INNER_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
 
 
@@ -55,7 +55,7 @@ INNER_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, 
 # attention `attn`
 # ---------------------------------------------------------------------------------------------
 class AttnLevel(nn.Module):
-    """Level `attn` (cms_nested.nl:23): attention, every 1 tokens.
+    """Level `attn` (cms_nested.nl:24): attention, every 1 tokens.
     state attn: attention(heads=4, window=None, rope=True)
     4 heads of 32; full causal; rotary positions
     """
@@ -65,7 +65,7 @@ class AttnLevel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # cms_nested.nl:23  level attn : attention(heads = heads)
+        # cms_nested.nl:24  level attn : attention(heads = heads)
         self.qkv = nn.Linear(128, 384, bias=False)
         self.proj = nn.Linear(128, 128, bias=False)
 
@@ -83,7 +83,7 @@ class AttnLevel(nn.Module):
 # in-context `outer`
 # ---------------------------------------------------------------------------------------------
 class OuterLevel(nn.Module):
-    """Level `outer` (cms_nested.nl:26): in-context, every 64 tokens.
+    """Level `outer` (cms_nested.nl:27): in-context, every 64 tokens.
     state outer: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
@@ -93,7 +93,7 @@ class OuterLevel(nn.Module):
     kind = 'in_context'
     period = 64
     heads = 1
-    flow_attrs = {909: 'value_linear'}
+    flow_attrs = {976: 'value_linear'}
     state_attrs = {'outer': 'outer0'}
     reset_never = False
 
@@ -101,9 +101,9 @@ class OuterLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # cms_nested.nl:26  level outer : mlp(d -> d, hidden = 2 * d) {
+        # cms_nested.nl:27  level outer : mlp(d -> d, hidden = 2 * d) {
         self.outer0 = nl_flows.MemoryInit(OUTER_MEMORY, heads=1)
-        # cms_nested.nl:27  let value = input | linear(d -> d)
+        # cms_nested.nl:29  let value = input | linear(d -> d)
         self.value_linear = nl_flows.HeadLinear(1, 128, 128)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -111,7 +111,9 @@ class OuterLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        value = self.value_linear(xin)  # cms_nested.nl:27  let value = input | linear(d -> d)
+        key = nl_flows.l2norm(xin)  # cms_nested.nl:28  let key = input | l2norm
+        value = self.value_linear(xin)  # cms_nested.nl:29  let value = input | linear(d -> d)
+        query = key  # cms_nested.nl:30  let query = key
         # in-context states at the start of the sequence (learned)
         if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
             outer, = self.carry  # persisted state (reset never / test-time learning)
@@ -119,13 +121,14 @@ class OuterLevel(nn.Module):
             outer = nl_flows.expand_state(self.outer0(), B)
         ys = []
         chunk_states = []
-        # cms_nested.nl:30  every 64 tokens
+        # cms_nested.nl:33  every 64 tokens
         for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 64)):
             if keep_chunk_states:
                 chunk_states.append(outer)
-            input_c = nl_flows.chunk(xin, c0, c1)
+            key_c = nl_flows.chunk(key, c0, c1)
             value_c = nl_flows.chunk(value, c0, c1)
-            # cms_nested.nl:29  rule gd(lr = 0.01)
+            query_c = nl_flows.chunk(query, c0, c1)
+            # cms_nested.nl:32  rule gd(lr = 0.01)
             # update every state with rule gd: closed-form gradients at the chunk-start state
             y, outer, _ = nl_chunk.chunk_step(
                 OUTER_MEMORY,
@@ -133,9 +136,9 @@ class OuterLevel(nn.Module):
                 OUTER_RULE,
                 outer,
                 None,
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(key_c, 1),
                 nl_flows.heads(value_c, 1),
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(query_c, 1),
                 0.01,
                 None,
                 None,
@@ -153,7 +156,7 @@ class OuterLevel(nn.Module):
 # in-context `inner`
 # ---------------------------------------------------------------------------------------------
 class InnerLevel(nn.Module):
-    """Level `inner` (cms_nested.nl:33): in-context, every 16 tokens.
+    """Level `inner` (cms_nested.nl:36): in-context, every 16 tokens.
     state inner: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset every 64 tokens; init from outer; grad through writes full; read chunk; target plain
@@ -163,7 +166,7 @@ class InnerLevel(nn.Module):
     kind = 'in_context'
     period = 16
     heads = 1
-    flow_attrs = {1083: 'value_linear'}
+    flow_attrs = {1207: 'value_linear'}
     state_attrs = {}
     reset_never = False
 
@@ -171,7 +174,7 @@ class InnerLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # cms_nested.nl:34  let value = input | linear(d -> d)
+        # cms_nested.nl:38  let value = input | linear(d -> d)
         self.value_linear = nl_flows.HeadLinear(1, 128, 128)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -179,7 +182,9 @@ class InnerLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        value = self.value_linear(xin)  # cms_nested.nl:34  let value = input | linear(d -> d)
+        key = nl_flows.l2norm(xin)  # cms_nested.nl:37  let key = input | l2norm
+        value = self.value_linear(xin)  # cms_nested.nl:38  let value = input | linear(d -> d)
+        query = key  # cms_nested.nl:39  let query = key
         # in-context states at the start of the sequence (from outer)
         if start_states is None:
             raise ValueError(
@@ -191,15 +196,16 @@ class InnerLevel(nn.Module):
             inner = nl_flows.expand_state(start_states[0], B)  # init from outer
         ys = []
         chunk_states = []
-        # cms_nested.nl:37  every 16 tokens
+        # cms_nested.nl:42  every 16 tokens
         for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):
-            if c0 > 0 and c0 % 64 == 0:  # cms_nested.nl:39  reset every 64 tokens
+            if c0 > 0 and c0 % 64 == 0:  # cms_nested.nl:44  reset every 64 tokens
                 inner = nl_flows.expand_state(start_states[c0 // 64], B)
             if keep_chunk_states:
                 chunk_states.append(inner)
-            input_c = nl_flows.chunk(xin, c0, c1)
+            key_c = nl_flows.chunk(key, c0, c1)
             value_c = nl_flows.chunk(value, c0, c1)
-            # cms_nested.nl:36  rule gd(lr = 0.01)
+            query_c = nl_flows.chunk(query, c0, c1)
+            # cms_nested.nl:41  rule gd(lr = 0.01)
             # update every state with rule gd: closed-form gradients at the chunk-start state
             y, inner, _ = nl_chunk.chunk_step(
                 INNER_MEMORY,
@@ -207,9 +213,9 @@ class InnerLevel(nn.Module):
                 INNER_RULE,
                 inner,
                 None,
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(key_c, 1),
                 nl_flows.heads(value_c, 1),
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(query_c, 1),
                 0.01,
                 None,
                 None,
@@ -227,18 +233,18 @@ class InnerLevel(nn.Module):
 # block `layer`
 # ---------------------------------------------------------------------------------------------
 class LayerBlock(nn.Module):
-    """Block `layer` (cms_nested.nl:21), repeated 2 times: pre-norm residual sublayers x = x +
+    """Block `layer` (cms_nested.nl:22), repeated 2 times: pre-norm residual sublayers x = x +
         f(norm(x)).
     """
 
     def __init__(self):
         super().__init__()
         self.attn_norm = nl_ops.RMSNorm(128)
-        self.attn = AttnLevel()  # cms_nested.nl:23  level attn : attention(heads = heads)
+        self.attn = AttnLevel()  # cms_nested.nl:24  level attn : attention(heads = heads)
         self.outer_norm = nl_ops.RMSNorm(128)
-        self.outer = OuterLevel()  # cms_nested.nl:26  level outer : mlp(d -> d, hidden = 2 * d) {
+        self.outer = OuterLevel()  # cms_nested.nl:27  level outer : mlp(d -> d, hidden = 2 * d) {
         self.inner_norm = nl_ops.RMSNorm(128)
-        self.inner = InnerLevel()  # cms_nested.nl:33  level inner : mlp(d -> d, hidden = 2 * d) {
+        self.inner = InnerLevel()  # cms_nested.nl:36  level inner : mlp(d -> d, hidden = 2 * d) {
 
     def forward(self, x):
         x = x + self.attn(self.attn_norm(x))
@@ -316,6 +322,32 @@ class Model(nn.Module):
             if hasattr(m, "carry"):
                 m.carry = None
 
+    def memory_state_dict(self):
+        """In-context states kept across calls (reset never / test-time learning), for checkpoints."""
+        out = {}
+        for i, m in enumerate(self.level_modules()):
+            carry = getattr(m, "carry", None)
+            if carry is None:
+                continue
+            out[f"{i}.n"] = torch.tensor(len(carry))
+            for j, state in enumerate(carry):
+                for k, w in enumerate(state or ()):
+                    out[f"{i}.{j}.{k}"] = w.detach().cpu()
+        return out
+
+    def load_memory_state_dict(self, state_dict):
+        modules = self.level_modules()
+        for key, n in state_dict.items():
+            if not key.endswith(".n"):
+                continue
+            i = int(key[:-2])
+            device = next(modules[i].parameters()).device
+            carry = []
+            for j in range(int(n)):
+                ws = [state_dict[f"{i}.{j}.{k}"].to(device) for k in range(64) if f"{i}.{j}.{k}" in state_dict]
+                carry.append(ws or None)
+            modules[i].carry = tuple(carry)
+
     def nonfinite_levels(self):
         bad = []
         for m in self.level_modules():
@@ -356,7 +388,7 @@ def build_optimizers(model, cfg=None):
     optimizers = []
     params = [p for p in model.parameters() if id(p) not in grouped]
     groups = _param_groups(params, 0.1)
-    # cms_nested.nl:49  rule adamw(lr = 2e-3, wd = 0.1)
+    # cms_nested.nl:54  rule adamw(lr = 2e-3, wd = 0.1)
     optimizer = torch.optim.AdamW(groups, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.1)
     if cfg.get("lr") is not None:
         for g in optimizer.param_groups:

@@ -26,7 +26,7 @@ from nlc.runtime import optim as nl_optim
 SPEC = {
     "name": 'hope',
     "file": 'hope.nl',
-    "hash": 'daf7b4d7af95e6691532cd4c3a796988875dea54d69928da76b7f3b7767592ba',
+    "hash": '22c164277e7ab8f6802f7337fa019873fd309e03e0addea879788237bf3b4c42',
     "lr": 0.002,
     "seq_len": 256,
     "dims": {'d': 128, 'heads': 4, 'dh': 32, 'vocab': 256, 'layers': 2, 'seq': 256},
@@ -37,15 +37,15 @@ SPEC = {
 class ModelConfig:
     """What may change without recompiling. Widths are fixed by the spec's dims."""
 
-    vocab_size: int = 256  # hope.nl:25  embed vocab -> d
+    vocab_size: int = 256  # hope.nl:26  embed vocab -> d
     seq_len: int = 256  # training sequence length (dims: seq)
-    layer_repeat: int = 2  # hope.nl:27  block layer x layers {
+    layer_repeat: int = 2  # hope.nl:28  block layer x layers {
 
 # ---------------------------------------------------------------------------------------------
 # memories and rules
 # ---------------------------------------------------------------------------------------------
-TITANS_RULE = nl_chunk.RuleSpec('dgd')  # hope.nl:42  rule dgd(lr = lr, decay = retain)
-# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+TITANS_RULE = nl_chunk.RuleSpec('dgd')  # hope.nl:43  rule dgd(lr = lr, decay = retain)
+# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
 TITANS_MEM_MEMORY = nl_mem.MemorySpec(
     'residual_mlp',
     din=32,
@@ -54,7 +54,7 @@ TITANS_MEM_MEMORY = nl_mem.MemorySpec(
     depth=2,
     act='silu',
 )
-# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
 TITANS_MK_MEMORY = nl_mem.MemorySpec(
     'residual_mlp',
     din=32,
@@ -63,7 +63,7 @@ TITANS_MK_MEMORY = nl_mem.MemorySpec(
     depth=2,
     act='silu',
 )
-# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
 TITANS_MV_MEMORY = nl_mem.MemorySpec(
     'residual_mlp',
     din=32,
@@ -72,7 +72,7 @@ TITANS_MV_MEMORY = nl_mem.MemorySpec(
     depth=2,
     act='silu',
 )
-# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
 TITANS_META_MEMORY = nl_mem.MemorySpec(
     'residual_mlp',
     din=32,
@@ -81,7 +81,7 @@ TITANS_META_MEMORY = nl_mem.MemorySpec(
     depth=2,
     act='silu',
 )
-# hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
 TITANS_MALPHA_MEMORY = nl_mem.MemorySpec(
     'residual_mlp',
     din=32,
@@ -90,13 +90,13 @@ TITANS_MALPHA_MEMORY = nl_mem.MemorySpec(
     depth=2,
     act='silu',
 )
-FAST_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:50  rule gd(lr = 0.01)
-# hope.nl:47  level fast : mlp(d -> d, hidden = 2 * d) {
+FAST_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:53  rule gd(lr = 0.01)
+# hope.nl:48  level fast : mlp(d -> d, hidden = 2 * d) {
 FAST_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
-MID_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:57  rule gd(lr = 0.01)
-# hope.nl:54  level mid : mlp(d -> d, hidden = 2 * d) {
+MID_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:62  rule gd(lr = 0.01)
+# hope.nl:57  level mid : mlp(d -> d, hidden = 2 * d) {
 MID_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
-# hope.nl:61  level slow : mlp(d -> d, hidden = 2 * d) {
+# hope.nl:66  level slow : mlp(d -> d, hidden = 2 * d) {
 SLOW_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
 
 
@@ -104,7 +104,7 @@ SLOW_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, a
 # in-context `titans`
 # ---------------------------------------------------------------------------------------------
 class TitansLevel(nn.Module):
-    """Level `titans` (hope.nl:30): in-context, every 16 tokens.
+    """Level `titans` (hope.nl:31): in-context, every 16 tokens.
     Per head: 4 heads.
     state mem: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
     state mk: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
@@ -119,7 +119,7 @@ class TitansLevel(nn.Module):
     kind = 'in_context'
     period = 16
     heads = 4
-    flow_attrs = {1052: 'x_linear', 1070: 'x_conv', 1205: 'query_linear', 1368: 'out_linear'}
+    flow_attrs = {1090: 'x_linear', 1108: 'x_conv', 1243: 'query_linear', 1406: 'out_linear'}
     state_attrs = {'mem': 'mem0', 'mk': 'mk0', 'mv': 'mv0', 'meta': 'meta0', 'malpha': 'malpha0'}
     reset_never = False
 
@@ -127,23 +127,23 @@ class TitansLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
         self.mem0 = nl_flows.MemoryInit(TITANS_MEM_MEMORY, heads=4)
-        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
         self.mk0 = nl_flows.MemoryInit(TITANS_MK_MEMORY, heads=4)
-        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
         self.mv0 = nl_flows.MemoryInit(TITANS_MV_MEMORY, heads=4)
-        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
         self.meta0 = nl_flows.MemoryInit(TITANS_META_MEMORY, heads=4)
-        # hope.nl:32  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
         self.malpha0 = nl_flows.MemoryInit(TITANS_MALPHA_MEMORY, heads=4)
-        # hope.nl:31  let x = input | linear(d -> dh) | conv(4)
+        # hope.nl:32  let x = input | linear(d -> dh) | conv(4)
         self.x_linear = nl_flows.HeadLinear(4, 128, 32)
-        # hope.nl:31  let x = input | linear(d -> dh) | conv(4)
+        # hope.nl:32  let x = input | linear(d -> dh) | conv(4)
         self.x_conv = nl_flows.HeadConv(4 * 32, 4)
-        # hope.nl:35  let query = x | linear(dh -> dh) | l2norm
+        # hope.nl:36  let query = x | linear(dh -> dh) | l2norm
         self.query_linear = nl_flows.HeadLinear(4, 32, 32)
-        # hope.nl:39  output linear(heads * dh -> d)
+        # hope.nl:40  output linear(heads * dh -> d)
         self.out_linear = nn.Linear(128, 128, bias=False)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -151,9 +151,9 @@ class TitansLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        # hope.nl:31  let x = input | linear(d -> dh) | conv(4)
+        # hope.nl:32  let x = input | linear(d -> dh) | conv(4)
         x_2 = self.x_conv(self.x_linear(xin))
-        # hope.nl:35  let query = x | linear(dh -> dh) | l2norm
+        # hope.nl:36  let query = x | linear(dh -> dh) | l2norm
         query = nl_flows.l2norm(self.query_linear(x_2))
         # in-context states at the start of the sequence (learned)
         if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
@@ -167,22 +167,22 @@ class TitansLevel(nn.Module):
             malpha = nl_flows.expand_state(self.malpha0(), B)
         ys = []
         chunk_states = []
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:43  every 16 tokens
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:44  every 16 tokens
             if keep_chunk_states:
                 chunk_states.append(mem)
             x_c = nl_flows.chunk(x_2, c0, c1)
             query_c = nl_flows.chunk(query, c0, c1)
             # flows that read the chunk-start states (paper eq 90)
-            # hope.nl:33  let key = mk(x) | l2norm
+            # hope.nl:34  let key = mk(x) | l2norm
             key_c = nl_flows.l2norm(nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(x_c, 4)))
-            # hope.nl:34  let value = mv(x)
+            # hope.nl:35  let value = mv(x)
             value_c = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(x_c, 4))
-            # hope.nl:36  let lr = meta(x) | mean | softplus | scale(0.01)
+            # hope.nl:37  let lr = meta(x) | mean | softplus | scale(0.01)
             lr_c = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(x_c, 4))
             lr_c = lr_c.mean(-1, keepdim=True)
             lr_c = F.softplus(lr_c)
             lr_c = lr_c * 0.01
-            # hope.nl:37  let retain = malpha(x) | mean | sigmoid
+            # hope.nl:38  let retain = malpha(x) | mean | sigmoid
             retain_c = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(x_c, 4))
             retain_c = retain_c.mean(-1, keepdim=True)
             retain_c = torch.sigmoid(retain_c)
@@ -192,7 +192,7 @@ class TitansLevel(nn.Module):
             mv_target = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(value_c, 4))
             meta_target = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(value_c, 4))
             malpha_target = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(value_c, 4))
-            # hope.nl:42  rule dgd(lr = lr, decay = retain)
+            # hope.nl:43  rule dgd(lr = lr, decay = retain)
             # update every state with rule dgd: closed-form gradients at the chunk-start state
             y, mem, _ = nl_chunk.chunk_step(
                 TITANS_MEM_MEMORY,
@@ -265,7 +265,7 @@ class TitansLevel(nn.Module):
             self.carry = nl_flows.detach_carry(mem, mk, mv, meta, malpha)
         out = torch.cat(ys, dim=2)  # [B, 4, T, w]
         out = nl_flows.merge_heads(out)  # [B, T, heads * w]
-        out = self.out_linear(out)  # hope.nl:39  output linear(heads * dh -> d)
+        out = self.out_linear(out)  # hope.nl:40  output linear(heads * dh -> d)
         return (out, chunk_states) if keep_chunk_states else out
 
 
@@ -273,7 +273,7 @@ class TitansLevel(nn.Module):
 # in-context `fast`
 # ---------------------------------------------------------------------------------------------
 class FastLevel(nn.Module):
-    """Level `fast` (hope.nl:47): in-context, every 16 tokens.
+    """Level `fast` (hope.nl:48): in-context, every 16 tokens.
     state fast: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
@@ -283,7 +283,7 @@ class FastLevel(nn.Module):
     kind = 'in_context'
     period = 16
     heads = 1
-    flow_attrs = {1600: 'value_linear'}
+    flow_attrs = {1671: 'value_linear'}
     state_attrs = {'fast': 'fast0'}
     reset_never = False
 
@@ -291,9 +291,9 @@ class FastLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # hope.nl:47  level fast : mlp(d -> d, hidden = 2 * d) {
+        # hope.nl:48  level fast : mlp(d -> d, hidden = 2 * d) {
         self.fast0 = nl_flows.MemoryInit(FAST_MEMORY, heads=1)
-        # hope.nl:48  let value = input | linear(d -> d)
+        # hope.nl:50  let value = input | linear(d -> d)
         self.value_linear = nl_flows.HeadLinear(1, 128, 128)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -301,7 +301,9 @@ class FastLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        value = self.value_linear(xin)  # hope.nl:48  let value = input | linear(d -> d)
+        key = nl_flows.l2norm(xin)  # hope.nl:49  let key = input | l2norm
+        value = self.value_linear(xin)  # hope.nl:50  let value = input | linear(d -> d)
+        query = key  # hope.nl:51  let query = key
         # in-context states at the start of the sequence (learned)
         if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
             fast, = self.carry  # persisted state (reset never / test-time learning)
@@ -309,12 +311,13 @@ class FastLevel(nn.Module):
             fast = nl_flows.expand_state(self.fast0(), B)
         ys = []
         chunk_states = []
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:51  every 16 tokens
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:54  every 16 tokens
             if keep_chunk_states:
                 chunk_states.append(fast)
-            input_c = nl_flows.chunk(xin, c0, c1)
+            key_c = nl_flows.chunk(key, c0, c1)
             value_c = nl_flows.chunk(value, c0, c1)
-            # hope.nl:50  rule gd(lr = 0.01)
+            query_c = nl_flows.chunk(query, c0, c1)
+            # hope.nl:53  rule gd(lr = 0.01)
             # update every state with rule gd: closed-form gradients at the chunk-start state
             y, fast, _ = nl_chunk.chunk_step(
                 FAST_MEMORY,
@@ -322,9 +325,9 @@ class FastLevel(nn.Module):
                 FAST_RULE,
                 fast,
                 None,
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(key_c, 1),
                 nl_flows.heads(value_c, 1),
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(query_c, 1),
                 0.01,
                 None,
                 None,
@@ -342,7 +345,7 @@ class FastLevel(nn.Module):
 # in-context `mid`
 # ---------------------------------------------------------------------------------------------
 class MidLevel(nn.Module):
-    """Level `mid` (hope.nl:54): in-context, every 64 tokens.
+    """Level `mid` (hope.nl:57): in-context, every 64 tokens.
     state mid: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
@@ -352,7 +355,7 @@ class MidLevel(nn.Module):
     kind = 'in_context'
     period = 64
     heads = 1
-    flow_attrs = {1772: 'value_linear'}
+    flow_attrs = {1900: 'value_linear'}
     state_attrs = {'mid': 'mid0'}
     reset_never = False
 
@@ -360,9 +363,9 @@ class MidLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # hope.nl:54  level mid : mlp(d -> d, hidden = 2 * d) {
+        # hope.nl:57  level mid : mlp(d -> d, hidden = 2 * d) {
         self.mid0 = nl_flows.MemoryInit(MID_MEMORY, heads=1)
-        # hope.nl:55  let value = input | linear(d -> d)
+        # hope.nl:59  let value = input | linear(d -> d)
         self.value_linear = nl_flows.HeadLinear(1, 128, 128)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -370,7 +373,9 @@ class MidLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        value = self.value_linear(xin)  # hope.nl:55  let value = input | linear(d -> d)
+        key = nl_flows.l2norm(xin)  # hope.nl:58  let key = input | l2norm
+        value = self.value_linear(xin)  # hope.nl:59  let value = input | linear(d -> d)
+        query = key  # hope.nl:60  let query = key
         # in-context states at the start of the sequence (learned)
         if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
             mid, = self.carry  # persisted state (reset never / test-time learning)
@@ -378,12 +383,13 @@ class MidLevel(nn.Module):
             mid = nl_flows.expand_state(self.mid0(), B)
         ys = []
         chunk_states = []
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 64)):  # hope.nl:58  every 64 tokens
+        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 64)):  # hope.nl:63  every 64 tokens
             if keep_chunk_states:
                 chunk_states.append(mid)
-            input_c = nl_flows.chunk(xin, c0, c1)
+            key_c = nl_flows.chunk(key, c0, c1)
             value_c = nl_flows.chunk(value, c0, c1)
-            # hope.nl:57  rule gd(lr = 0.01)
+            query_c = nl_flows.chunk(query, c0, c1)
+            # hope.nl:62  rule gd(lr = 0.01)
             # update every state with rule gd: closed-form gradients at the chunk-start state
             y, mid, _ = nl_chunk.chunk_step(
                 MID_MEMORY,
@@ -391,9 +397,9 @@ class MidLevel(nn.Module):
                 MID_RULE,
                 mid,
                 None,
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(key_c, 1),
                 nl_flows.heads(value_c, 1),
-                nl_flows.heads(input_c, 1),
+                nl_flows.heads(query_c, 1),
                 0.01,
                 None,
                 None,
@@ -411,7 +417,7 @@ class MidLevel(nn.Module):
 # static `slow`
 # ---------------------------------------------------------------------------------------------
 class SlowLevel(nn.Module):
-    """Level `slow` (hope.nl:61): static, never.
+    """Level `slow` (hope.nl:66): static, never.
     state slow: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     """
 
@@ -421,7 +427,7 @@ class SlowLevel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # hope.nl:61  level slow : mlp(d -> d, hidden = 2 * d) {
+        # hope.nl:66  level slow : mlp(d -> d, hidden = 2 * d) {
         self.slow = nl_flows.StaticMemory(SLOW_MEMORY)
 
     def forward(self, x):
@@ -434,20 +440,20 @@ class SlowLevel(nn.Module):
 # block `layer`
 # ---------------------------------------------------------------------------------------------
 class LayerBlock(nn.Module):
-    """Block `layer` (hope.nl:27), repeated 2 times: pre-norm residual sublayers x = x +
+    """Block `layer` (hope.nl:28), repeated 2 times: pre-norm residual sublayers x = x +
         f(norm(x)).
     """
 
     def __init__(self):
         super().__init__()
         self.titans_norm = nl_ops.RMSNorm(128)
-        self.titans = TitansLevel()  # hope.nl:30  level titans per head {
+        self.titans = TitansLevel()  # hope.nl:31  level titans per head {
         self.fast_norm = nl_ops.RMSNorm(128)
-        self.fast = FastLevel()  # hope.nl:47  level fast : mlp(d -> d, hidden = 2 * d) {
+        self.fast = FastLevel()  # hope.nl:48  level fast : mlp(d -> d, hidden = 2 * d) {
         self.mid_norm = nl_ops.RMSNorm(128)
-        self.mid = MidLevel()  # hope.nl:54  level mid : mlp(d -> d, hidden = 2 * d) {
+        self.mid = MidLevel()  # hope.nl:57  level mid : mlp(d -> d, hidden = 2 * d) {
         self.slow_norm = nl_ops.RMSNorm(128)
-        self.slow = SlowLevel()  # hope.nl:61  level slow : mlp(d -> d, hidden = 2 * d) {
+        self.slow = SlowLevel()  # hope.nl:66  level slow : mlp(d -> d, hidden = 2 * d) {
 
     def forward(self, x):
         x = x + self.titans(self.titans_norm(x))
@@ -526,6 +532,32 @@ class Model(nn.Module):
             if hasattr(m, "carry"):
                 m.carry = None
 
+    def memory_state_dict(self):
+        """In-context states kept across calls (reset never / test-time learning), for checkpoints."""
+        out = {}
+        for i, m in enumerate(self.level_modules()):
+            carry = getattr(m, "carry", None)
+            if carry is None:
+                continue
+            out[f"{i}.n"] = torch.tensor(len(carry))
+            for j, state in enumerate(carry):
+                for k, w in enumerate(state or ()):
+                    out[f"{i}.{j}.{k}"] = w.detach().cpu()
+        return out
+
+    def load_memory_state_dict(self, state_dict):
+        modules = self.level_modules()
+        for key, n in state_dict.items():
+            if not key.endswith(".n"):
+                continue
+            i = int(key[:-2])
+            device = next(modules[i].parameters()).device
+            carry = []
+            for j in range(int(n)):
+                ws = [state_dict[f"{i}.{j}.{k}"].to(device) for k in range(64) if f"{i}.{j}.{k}" in state_dict]
+                carry.append(ws or None)
+            modules[i].carry = tuple(carry)
+
     def nonfinite_levels(self):
         bad = []
         for m in self.level_modules():
@@ -566,7 +598,7 @@ def build_optimizers(model, cfg=None):
     optimizers = []
     params = [p for p in model.parameters() if id(p) not in grouped]
     groups = _param_groups(params, 0.1)
-    # hope.nl:72  rule adamw(lr = 2e-3, wd = 0.1)
+    # hope.nl:77  rule adamw(lr = 2e-3, wd = 0.1)
     optimizer = torch.optim.AdamW(groups, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.1)
     if cfg.get("lr") is not None:
         for g in optimizer.param_groups:

@@ -186,6 +186,32 @@ class Model(nn.Module):
             if hasattr(m, "carry"):
                 m.carry = None
 
+    def memory_state_dict(self):
+        """In-context states kept across calls (reset never / test-time learning), for checkpoints."""
+        out = {}
+        for i, m in enumerate(self.level_modules()):
+            carry = getattr(m, "carry", None)
+            if carry is None:
+                continue
+            out[f"{i}.n"] = torch.tensor(len(carry))
+            for j, state in enumerate(carry):
+                for k, w in enumerate(state or ()):
+                    out[f"{i}.{j}.{k}"] = w.detach().cpu()
+        return out
+
+    def load_memory_state_dict(self, state_dict):
+        modules = self.level_modules()
+        for key, n in state_dict.items():
+            if not key.endswith(".n"):
+                continue
+            i = int(key[:-2])
+            device = next(modules[i].parameters()).device
+            carry = []
+            for j in range(int(n)):
+                ws = [state_dict[f"{i}.{j}.{k}"].to(device) for k in range(64) if f"{i}.{j}.{k}" in state_dict]
+                carry.append(ws or None)
+            modules[i].carry = tuple(carry)
+
     def nonfinite_levels(self):
         bad = []
         for m in self.level_modules():

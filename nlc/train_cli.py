@@ -1,0 +1,211 @@
+"""``nlc train`` and ``nlc eval``: the researcher's main job from the command line.
+
+``nlc train SPEC [flags]`` compiles the spec into the run folder (``--out``, default
+``runs/<model name>``) — ``model.py``, ``train.py`` and a copy of the spec — and runs that very
+``train.py`` in-process, so a run folder is self-contained: ``python runs/<name>/train.py
+--resume`` continues it without nlc's front end. Every flag after SPEC is train.py's
+(``nlc train SPEC --help`` lists them).
+
+``nlc eval CKPT`` loads a checkpoint (a run folder or its ``ckpt.pt``) with the ``model.py``
+beside it and reports validation loss and bits per byte (text), accuracy (MQAR), the
+after-task-i-on-task-j matrix (continual), and with ``--ttl`` the same with in-context memories
+that keep learning across sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "cmd_train", "cmd_eval"]
+
+
+def _error(msg: str, code: int = 2) -> int:
+    print(f"nlc: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _import(path: Path, prefix: str):
+    name = prefix + hashlib.sha256(str(path.resolve()).encode() + path.read_bytes()).hexdigest()[:16]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def _out_dir(rest: list[str], default: str) -> str:
+    for i, a in enumerate(rest):
+        if a == "--out" and i + 1 < len(rest):
+            return rest[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    return default
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from .codegen import write_package
+    from .diagnostics import CodegenError, render
+    from .pipeline import check_file
+
+    result = check_file(args.file)
+    sources = {result.source.name: result.source} if result.source else {}
+    if not result.ok:
+        print(render(result.diagnostics, sources), file=sys.stderr)
+        return 1
+    program = result.program
+    rest = list(args.rest)
+    out = _out_dir(rest, f"runs/{program.name}")
+    if not any(a == "--out" or a.startswith("--out=") for a in rest):
+        rest = ["--out", out] + rest
+    try:
+        write_package(program, out)
+    except CodegenError as e:
+        print(render(e.diagnostics, sources), file=sys.stderr)
+        return 1
+    except OSError as e:
+        return _error(f"cannot write the run folder {out}: {e.strerror or e}")
+    train = _import(Path(out) / "train.py", "_nlc_train_")
+    return int(train.main(rest) or 0)
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .runtime.checkpoint import CheckpointError, load_checkpoint
+    from .runtime.data import DataError, load_corpus
+    from .runtime.evaluate import continual_summary, evaluate_task, evaluate_ttl
+    from .runtime.tasks import TaskError, make_task
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.exists():
+        return _error(f"no checkpoint at {path} (give a run folder of `nlc train` or its ckpt.pt)")
+    model_py = path.parent / "model.py"
+    if not model_py.exists():
+        return _error(f"no model.py beside {path}: evaluate a run folder written by `nlc train` "
+                      "(or `nlc compile SPEC -o` that folder)")
+    try:
+        module = _import(model_py, "_nlc_model_")
+        ckpt = load_checkpoint(path, spec_hash=module.SPEC.get("hash"))
+    except CheckpointError as e:
+        return _error(f"{e}" + (f" (hint: {e.hint})" if e.hint else ""))
+    except Exception as e:  # noqa: BLE001 - a broken model.py is the user's file
+        return _error(f"cannot load {model_py}: {type(e).__name__}: {e}")
+    tc = dict(ckpt.get("train_config") or {})
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = module.ModelConfig(**{k: v for k, v in (ckpt.get("model_config") or {}).items()
+                                if k in module.ModelConfig.__dataclass_fields__})
+    model = module.Model(cfg)
+    model.load_state_dict(ckpt["model"])
+    if ckpt.get("memory") and hasattr(model, "load_memory_state_dict"):
+        model.load_memory_state_dict(ckpt["memory"])
+    model.to(device).eval()
+    data = args.data if args.data is not None else tc.get("data")
+    kind = tc.get("task", "lm")
+    seq_len = args.seq_len or tc.get("seq_len", cfg.seq_len)
+    try:
+        text = kind == "lm" or (kind == "continual" and tc.get("continual_kind", "perm") == "perm")
+        corpus = load_corpus(data, min_split_bytes=seq_len + 1) if text else None
+        task = make_task(kind, model_vocab=cfg.vocab_size, seq_len=seq_len, batch_size=tc.get("batch_size", 8),
+                         seed=tc.get("seed", 1337), eval_batches=args.eval_batches or tc.get("eval_batches", 20),
+                         steps=tc.get("steps", 1), corpus=corpus, mqar_pairs=tc.get("mqar_pairs", 8),
+                         mqar_vocab=tc.get("mqar_vocab"), continual_kind=tc.get("continual_kind", "perm"),
+                         num_tasks=tc.get("num_tasks", 3), task_steps=tc.get("task_steps"))
+    except (DataError, TaskError) as e:
+        hint = getattr(e, "hint", "")
+        return _error(f"{e}" + (f" (hint: {hint})" if hint else ""))
+    report: dict = {"checkpoint": str(path), "spec": ckpt.get("spec", {}).get("name"), "step": ckpt.get("step"),
+                    "task": kind, "metric": task.metric}
+    with torch.no_grad():
+        if kind == "continual":
+            rows = list((ckpt.get("extra") or {}).get("continual_matrix") or [])
+            now = [evaluate_task(model, task, device, task_id=j) for j in range(task.num_tasks)]
+            report["now"] = now
+            report["matrix"] = rows
+            filled = [r for r in rows if r is not None]
+            report["summary"] = continual_summary(filled + [now] if filled and filled[-1] != now else filled or [now],
+                                                  task.metric)
+        else:
+            report["validation"] = evaluate_task(model, task, device)
+        if args.ttl:
+            report["ttl"] = evaluate_ttl(model, task, device)
+    if args.format == "json":
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    _print_report(report)
+    return 0
+
+
+def _fmt(m: dict | None, metric: str) -> str:
+    if not m:
+        return "      -      "
+    extra = m.get(metric)
+    return f"{m['loss']:.4f}" + (f" / {extra:.4f}" if isinstance(extra, (int, float)) else "")
+
+
+def _print_report(r: dict) -> None:
+    print(f"nlc eval: {r['spec']} at step {r['step']} ({r['checkpoint']})")
+    metric = r["metric"] or "bpb"
+    if "validation" in r:
+        v = r["validation"]
+        line = f"  validation loss {v['loss']:.4f} nats/token"
+        if "bpb" in v:
+            line += f" | {v['bpb']:.4f} bits per byte"
+        if "acc" in v:
+            line += f" | accuracy {v['acc']:.4f}"
+        print(line + f" | {int(v['tokens'])} tokens")
+    if "now" in r:
+        n = len(r["now"])
+        print(f"  continual matrix: loss / {metric} on task j (columns) after training task i (rows)")
+        print("          " + "".join(f"{'task ' + str(j):>20}" for j in range(n)))
+        for i, row in enumerate(r["matrix"]):
+            if row is not None:
+                print(f"  after {i} " + "".join(f"{_fmt(c, metric):>20}" for c in row))
+        print("  now     " + "".join(f"{_fmt(c, metric):>20}" for c in r["now"]))
+        s = r["summary"]
+        if "forgetting_loss" in s:
+            print("  forgetting (loss increase on earlier tasks): "
+                  + ", ".join(f"task {j}: {f:+.4f}" for j, f in enumerate(s["forgetting_loss"])))
+    if "ttl" in r:
+        t = r["ttl"]
+        print(f"  test-time learning: loss {t['ttl_loss']:.4f} with memories kept across sequences vs "
+              f"{t['reset_loss']:.4f} reset (gain {t['ttl_gain']:+.4f}) over {t['segments']} segments")
+
+
+# ---- parsers -------------------------------------------------------------------------------------
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser(
+        "train", help="compile a spec and train it (flags after SPEC go to train.py; try SPEC --help)",
+        add_help=False)
+    t.add_argument("file", metavar="SPEC")
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: loss, bits per byte, MQAR accuracy, continual matrix")
+    e.add_argument("checkpoint", metavar="CKPT", help="a run folder of `nlc train`, or its ckpt.pt")
+    e.add_argument("--data", metavar="PATH", help="evaluate on this text instead of the run's data")
+    e.add_argument("--seq-len", type=int, help="sequence length (default: the run's)")
+    e.add_argument("--eval-batches", type=int, help="batches to evaluate (default: the run's)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--ttl", action="store_true", help="also evaluate with test-time learning (memories persist)")
+    e.add_argument("--format", choices=("text", "json"), default="text")
+    e.set_defaults(func=cmd_eval)
