@@ -100,8 +100,14 @@ OUTER_RULES: dict[str, ArgSpec] = {
     "muon": ArgSpec({**_OPT_COMMON, "momentum": ("num", 0.95), "ns_steps": ("int", 5)}, required=("lr",)),
     "m3": ArgSpec(
         {**_OPT_COMMON, "beta1": ("num", 0.9), "beta2": ("num", 0.999), "beta3": ("num", 0.9),
-         "alpha": ("num", 1.0), "eps": ("num", 1e-8), "ns_steps": ("int", 5), "slow": ("int", 100)},
+         "alpha": ("num", 1.0), "eps": ("num", 1e-8), "ns_steps": ("int", 5), "slow": ("int", 100),
+         # the paper's ambiguities (reference §7 item 19), defaults = Algorithm 1
+         "accumulate": ("name:sum|ema", "sum"), "precondition": ("name:elementwise|tensor|none", "elementwise"),
+         "slow_sign": ("name:plus|minus", "plus"), "slow_beta": ("name:beta3|beta2", "beta3"),
+         "slow_timing": ("name:after_step|before_step", "after_step"),
+         "eps_placement": ("name:outside|inside", "outside")},
         required=("lr",),
+        doc="multi-scale momentum Muon (paper §7.2, Algorithm 1)",
     ),
 }
 
