@@ -12,17 +12,25 @@ from pathlib import Path
 
 __all__ = ["grammar_path", "templates_dir", "read_grammar"]
 
-_ROOT = Path(__file__).resolve().parent.parent
+_HERE = Path(__file__).resolve().parent
+_ROOT = _HERE.parent
 
 
 def _find(package: str, folder: str, probe: str) -> Path:
+    # 1. an installed wheel: the data package sits beside this module (nlc/_grammar, ...). It has
+    #    no __init__.py, so importlib sees a namespace package; looking on disk first avoids
+    #    importlib.resources' MultiplexedPath, whose str() is not a path.
+    candidate = _HERE / package.rsplit(".", 1)[-1]
+    if (candidate / probe).is_file():
+        return candidate
+    # 2. any other importable location of the data package (another sys.path entry)
     try:
-        base = importlib.resources.files(package)
-        candidate = Path(str(base))
-        if (candidate / probe).is_file():
-            return candidate
-    except (ModuleNotFoundError, TypeError):
+        found = importlib.resources.files(package).joinpath(probe)
+        if isinstance(found, Path) and found.is_file():
+            return found.parent
+    except (ModuleNotFoundError, TypeError, ValueError, FileNotFoundError):
         pass
+    # 3. a source checkout or an editable install: the top-level folder beside nlc/
     candidate = _ROOT / folder
     if (candidate / probe).is_file():
         return candidate

@@ -9,6 +9,7 @@ brace; a comment after code on the same line is that statement's ``trailing`` co
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import re
 
@@ -305,48 +306,60 @@ _CONTAINERS = {
 }
 
 
-def _attach(node, comments: list[_Comment], source: SourceFile):
-    """Return ``node`` with comments inside its span attached to its statements."""
+def _unused_in(comments: list[_Comment], starts: list[int], lo: int, hi: int) -> list[_Comment]:
+    """Comments not yet attached that start in ``[lo, hi)`` (``starts`` indexes ``comments``)."""
+    i, j = bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi)
+    return [c for c in comments[i:j] if not c.used]
+
+
+def _attach(node, comments: list[_Comment], source: SourceFile, starts: list[int] | None = None):
+    """Return ``node`` with comments inside its span attached to its statements.
+
+    ``comments`` are in source order; every comment inside ``node`` ends up attached to exactly
+    one statement (leading, trailing) or to the node's closing brace. Linear in the number of
+    statements and comments (each lookup is a bisection over ``starts``).
+    """
     field = _CONTAINERS.get(type(node))
     if field is None:
         return node
+    if starts is None:
+        starts = [c.start for c in comments]
     children = list(getattr(node, field))
     new_children = []
-    for child in children:
-        # leading: own-line comments before the child's start, not yet used, inside node
-        lead = [
-            c for c in comments
-            if not c.used and c.own_line and node.span.start <= c.start < child.span.start
-        ]
+    gap_start = node.span.start
+    for k, child in enumerate(children):
+        # leading: comments before the child's start, not yet used, inside node. Besides
+        # comments on lines of their own this takes a comment after an opening '{' (or inside a
+        # container's header) on the same line, which would otherwise drift to the closing brace.
+        lead = _unused_in(comments, starts, gap_start, child.span.start)
+        # a comment inside a one-line statement written over several lines (an argument list, a
+        # pipeline) leads that statement: its canonical form is one line
+        if type(child) not in _CONTAINERS:
+            lead += _unused_in(comments, starts, child.span.start, child.span.end)
         for c in lead:
             c.used = True
-        # trailing: a comment on the line where the child ends, after it
+        # trailing: a comment on the line where the child ends, after it, unless another
+        # statement starts between the two (the comment belongs to the last statement on the line)
         trail = ""
-        for c in comments:
+        i = bisect.bisect_left(starts, child.span.end)
+        if i < len(comments):
+            c = comments[i]
+            next_start = children[k + 1].span.start if k + 1 < len(children) else None
             if (
                 not c.used
                 and not c.own_line
-                and c.start >= child.span.end
                 and c.line == source.offset_to_linecol(max(child.span.end - 1, 0))[0]
+                and not (next_start is not None and child.span.end <= next_start < c.start)
             ):
-                # the comment belongs to the last statement ending on that line
-                later = [
-                    o for o in children
-                    if o is not child and o.span.start >= child.span.end and o.span.start < c.start
-                ]
-                if not later:
-                    trail = c.text
-                    c.used = True
-                    break
-        child = _attach(child, comments, source)
+                trail = c.text
+                c.used = True
+        child = _attach(child, comments, source, starts)
         child = dataclasses.replace(
             child, comments=tuple(c.text for c in lead), trailing=trail
         )
         new_children.append(child)
-    end = [
-        c for c in comments
-        if not c.used and node.span.start <= c.start < node.span.end
-    ]
+        gap_start = child.span.end
+    end = _unused_in(comments, starts, node.span.start, node.span.end)
     for c in end:
         c.used = True
     kwargs = {field: tuple(new_children), "end_comments": tuple(c.text for c in end)}

@@ -26,9 +26,10 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # usage errors: one line, exit 2, no traceback
+    def error(self, message: str):  # usage errors: code NL901, exit 2, no traceback
         self.print_usage(sys.stderr)
-        print(f"nlc: error: {message}", file=sys.stderr)
+        print(f"nlc: error: NL901 {message}", file=sys.stderr)
+        print(f"  hint: see `{self.prog} --help`", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -166,6 +166,14 @@ class Diagnostics:
     def has_errors(self) -> bool:
         return any(d.is_error for d in self._items)
 
+    def has_error_within(self, span: Span) -> bool:
+        """Is an error already reported inside ``span``? Passes use it to stay quiet about a
+        construct whose own text was already found wrong (no cascades)."""
+        return any(
+            d.is_error and d.span.file == span.file and span.start <= d.span.start and d.span.end <= span.end
+            for d in self._items
+        )
+
     def sorted(self) -> list[Diagnostic]:
         return sorted(self._items, key=lambda d: (d.span.file, d.span.start, d.code))
 

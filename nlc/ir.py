@@ -20,6 +20,7 @@ Node kinds, listed once:
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -51,6 +52,22 @@ class LevelKind(str, enum.Enum):
     STEPS_GROUP = "steps_group"  # in a block, updated by the outer loss every N steps
     OUTER = "outer"  # the pre-training level: owns every learnable parameter not owned elsewhere
     OPTIMIZER = "optimizer"  # a level whose context is grads(L): compiles to an Optimizer
+
+    @property
+    def label(self) -> str:
+        """The kind as messages write it: ``in-context``, ``attention``, `` `never` ``, ``steps``..."""
+        return _KIND_LABELS[self.value]
+
+    @property
+    def a_label(self) -> str:
+        """The label with its article: ``an in-context``, ``a steps``."""
+        return ("an " if self.label[0] in "aeiou" else "a ") + self.label
+
+
+_KIND_LABELS = {
+    "in_context": "in-context", "attention": "attention", "static": "`never`", "frozen": "`frozen`",
+    "steps_group": "steps", "outer": "outer", "optimizer": "optimizer",
+}
 
 
 @dataclass(frozen=True)
@@ -165,7 +182,9 @@ class Flow:
         generation: that level produces this value).
       * ``op`` — a stage ``name`` with ``params`` applied to ``arg`` (linear, conv, l2norm, …).
     ``width`` is the per-token width it produces; ``per_head`` whether it has one value per
-    head (in a ``per head`` level).
+    head (in a ``per head`` level). In a program with errors only, a binding whose flow could
+    not be resolved is bound to ``Flow("input", name="<error>", width=None)`` (unknown width),
+    so that later checks do not report the same mistake again.
     """
 
     kind: str
@@ -356,8 +375,23 @@ class Program:
     outer: str | None = None
     edges: tuple[Edge, ...] = ()
 
+    @functools.cached_property
+    def _index(self) -> tuple[dict, dict, dict, dict]:
+        # name -> node lookups, built on first use (the IR is immutable); keeps the verifier
+        # linear in the number of levels
+        levels: dict[str, Level] = {}
+        for lv in self.levels:
+            levels.setdefault(lv.name, lv)
+        groups: dict[str, CmsGroup] = {}
+        for g in self.cms:
+            groups.setdefault(g.name, g)
+        blocks: dict[str, Block] = {}
+        for b in self.blocks:
+            blocks.setdefault(b.name, b)
+        return levels, groups, dict(self.dims), blocks
+
     def dim(self, name: str):
-        return dict(self.dims).get(name)
+        return self._index[2].get(name)
 
     @property
     def seq(self) -> int | None:
@@ -365,16 +399,16 @@ class Program:
         return int(v) if v is not None and getattr(v, "is_integer", False) else None
 
     def level(self, name: str) -> Level | None:
-        for lv in self.levels:
-            if lv.name == name:
-                return lv
-        return None
+        """The first level named ``name`` (O(1))."""
+        return self._index[0].get(name)
 
     def cms_group(self, name: str) -> CmsGroup | None:
-        for g in self.cms:
-            if g.name == name:
-                return g
-        return None
+        """The first CMS group named ``name`` (O(1))."""
+        return self._index[1].get(name)
+
+    def block(self, name: str) -> Block | None:
+        """The first block named ``name`` (O(1))."""
+        return self._index[3].get(name)
 
     def levels_of(self, kind: LevelKind) -> list[Level]:
         return [lv for lv in self.levels if lv.kind is kind]

@@ -57,7 +57,13 @@ def load_source(path: str | Path) -> tuple[SourceFile | None, Diagnostic | None]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, Diagnostic("NL002", f"{path} is not UTF-8 text (byte {e.start})", span)
+        # point at the first bad byte: line and column of the text decoded so far
+        before = data[: e.start].decode("utf-8")
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        span = Span(str(path), len(before), len(before) + 1, line, col, line, col + 1)
+        return None, Diagnostic(
+            "NL002", f"the file is not UTF-8 text: byte 0x{data[e.start]:02x} cannot be decoded", span)
     return SourceFile(str(path), text), None
 
 

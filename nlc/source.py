@@ -7,7 +7,9 @@ point at the exact text it is about.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 from pathlib import Path
 
 __all__ = ["SourceFile", "Span", "render_caret"]
@@ -25,6 +27,17 @@ class SourceFile:
     name: str
     text: str
 
+    @functools.cached_property
+    def _line_starts(self) -> list[int]:
+        """Offsets where each line begins (lines end at '\n' only), computed once."""
+        starts = [0]
+        find = self.text.find
+        i = find("\n")
+        while i >= 0:
+            starts.append(i + 1)
+            i = find("\n", i + 1)
+        return starts
+
     @classmethod
     def read(cls, path: str | Path) -> "SourceFile":
         """Read a spec from disk (UTF-8). Raises ``OSError``/``UnicodeDecodeError``."""
@@ -32,18 +45,25 @@ class SourceFile:
         return cls(str(path), p.read_bytes().decode("utf-8"))
 
     def line(self, lineno: int) -> str:
-        """The text of 1-based line ``lineno`` without its newline ('' past the end)."""
-        lines = self.text.splitlines()
-        if 1 <= lineno <= len(lines):
-            return lines[lineno - 1]
-        return ""
+        """The text of 1-based line ``lineno`` without its line break ('' past the end).
+
+        Lines end at '\n' (a '\r' before it is dropped), exactly as :meth:`offset_to_linecol`
+        counts them; other characters Python treats as line breaks (form feed, ...) do not end a
+        line, so a caret is always drawn under the line its number names.
+        """
+        starts = self._line_starts
+        if not 1 <= lineno <= len(starts):
+            return ""
+        begin = starts[lineno - 1]
+        end = starts[lineno] - 1 if lineno < len(starts) else len(self.text)
+        text = self.text[begin:end]
+        return text[:-1] if text.endswith("\r") else text
 
     def offset_to_linecol(self, offset: int) -> tuple[int, int]:
-        """1-based (line, column) of a character offset."""
+        """1-based (line, column) of a character offset (O(log lines))."""
         offset = max(0, min(offset, len(self.text)))
-        line = self.text.count("\n", 0, offset) + 1
-        start = self.text.rfind("\n", 0, offset) + 1
-        return line, offset - start + 1
+        line = bisect.bisect_right(self._line_starts, offset)
+        return line, offset - self._line_starts[line - 1] + 1
 
     def span(self, start: int, end: int) -> "Span":
         """A :class:`Span` of this file from character offsets."""
@@ -90,10 +110,8 @@ def render_caret(source: SourceFile | None, span: Span) -> str:
     """
     if source is None:
         return ""
-    text = source.line(span.line)
-    if not text and span.line > 1 and span.start >= len(source.text):
-        text = source.line(span.line)
-    text = text.replace("\t", " ")
+    # a tab counts one column, like every character: draw it as one space so the caret lines up
+    text = source.line(span.line).replace("\t", " ")
     col = max(1, span.col)
     if span.end_line == span.line:
         width = max(1, span.end_col - span.col)

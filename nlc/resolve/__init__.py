@@ -54,6 +54,9 @@ def _nest(ctx: _Ctx, levels: list[ir.Level], names: list[str]) -> None:
         parent, child = levels[index[parent_name]], levels[index[child_name]]
         if child.kind is not ir.LevelKind.IN_CONTEXT:
             continue
+        pe, ce = parent.period.every, child.period.every
+        if parent.kind is ir.LevelKind.IN_CONTEXT and pe and ce and (ce > pe or pe % ce):
+            continue  # listed out of order or periods not divisible: the schedule pass says so once
         stated = dict(child.clause_spans)
         init, reset = child.init, child.reset
         if "init" in stated:
@@ -89,7 +92,8 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
         if isinstance(it, ast.MemoryDef):
             n = it.name.text
             if n in ctx.templates or n in options.MEMORY_KINDS:
-                ctx.err("NL202", f"memory `{n}` is already defined", it.name.span)
+                ctx.err("NL202", f"memory `{n}` is already defined", it.name.span,
+                        "a built-in constructor" if n in options.MEMORY_KINDS else "rename one of the templates")
                 continue
             ctx.templates[n] = it
 
@@ -101,7 +105,7 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
             ctx.err("NL202", f"{what} `{ident.text}` is already defined", ident.span,
                     notes=[(seen_names[ident.text], "first defined here")])
             return False
-        _check_ident(ctx, ident)
+        _check_ident(ctx, ident, what)
         seen_names[ident.text] = ident.span
         return True
 
@@ -149,9 +153,11 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
                 rv = _eval(ctx, it.repeat, {}, "dimension")
                 if rv is not None:
                     if not rv.is_Integer:
-                        ctx.err("NL301", f"block repeat count {rv} is not an integer", it.repeat.span)
+                        ctx.err("NL301", f"block repeat count {rv} is not an integer", it.repeat.span,
+                                "a block is repeated a whole number of times")
                     elif rv < 1:
-                        ctx.err("NL302", f"block repeat count must be >= 1, got {rv}", it.repeat.span)
+                        ctx.err("NL302", f"block repeat count must be >= 1, got {rv}", it.repeat.span,
+                                "a block is repeated at least once; to remove it, delete the block")
                     else:
                         repeat = int(rv)
             norm = "rms"
@@ -171,7 +177,7 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
                 elif isinstance(b, ast.Level):
                     if not claim(b.name, "level"):
                         continue
-                    res = _level(ctx, b, ("block", it.name.text), d_model, dict(block_seen), all_levels)
+                    res = _level(ctx, b, ("block", it.name.text), d_model, block_seen, all_levels)
                     block_seen[b.name.text] = b
                     if res is None:
                         continue
@@ -197,7 +203,8 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
                         if k != "agg":
                             ctx.err("NL203", f"unknown CMS option `{k}`{did_you_mean(k, ['agg'])}", a.name.span)
                         elif variant != "independent":
-                            ctx.err("NL207", f"`agg` applies to independent CMS groups, not {variant}", a.span)
+                            ctx.err("NL207", f"`agg` applies to independent CMS groups, not {variant}", a.span,
+                                    f"remove `agg`, or write `cms {b.name.text} independent(agg = ...)`")
                         else:
                             agg = _name_value(ctx, a.value, options.CMS_AGG, "CMS aggregation") or "sum"
                     names = []
@@ -205,7 +212,7 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
                         if not claim(lv.name, "level"):
                             continue
                         res = _level(ctx, lv, ("block", it.name.text, "cms", b.name.text), d_model,
-                                     dict(block_seen), all_levels)
+                                     block_seen, all_levels)
                         block_seen[lv.name.text] = lv
                         if res is None:
                             continue
@@ -215,7 +222,8 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
                         for callee, span in called:
                             calls.append((callee, lvl.name, span))
                     if not b.levels:
-                        ctx.err("NL206", f"CMS group `{b.name.text}` has no levels", b.span)
+                        ctx.err("NL206", f"CMS group `{b.name.text}` has no levels", b.name.span,
+                                "add its levels, e.g. `level fast : mlp(d) { ... every 16 tokens }`, or delete it")
                     if variant == "nested":
                         _nest(ctx, levels, names)
                     cms_groups.append(ir.CmsGroup(b.name.text, variant, tuple(names), agg, b.span))
@@ -260,6 +268,6 @@ def resolve(spec: ast.Spec, source: SourceFile, diags: Diagnostics) -> ir.Progra
     if len(outer) > 1:
         for name in outer[1:]:
             lv = program.level(name)
-            ctx.err("NL202", f"model has more than one outer level (`{outer[0]}` and `{name}`)", lv.span,
+            ctx.err("NL202", f"model has more than one outer level (`{outer[0]}` and `{name}`)", lv.name_span,
                     "keep one pre-training level; other step-levels go in blocks or are optimizer levels")
     return program

@@ -17,7 +17,8 @@ __all__ = ["_LevelScope", "_flow"]
 class _LevelScope:
     """Names visible inside one level while its flows are resolved."""
 
-    def __init__(self, ctx, level_name, per_head, heads, input_width, states, lets, block_levels):
+    def __init__(self, ctx, level_name, per_head, heads, input_width, states, lets, block_levels,
+                 all_levels=None):
         self.ctx = ctx
         self.level = level_name
         self.per_head = per_head
@@ -26,6 +27,7 @@ class _LevelScope:
         self.states: dict[str, ir.StateDecl] = states
         self.lets: dict[str, ast.Let] = lets
         self.block_levels: dict[str, Any] = block_levels  # name -> ast.Level (same block, earlier)
+        self.all_levels: dict[str, Any] = all_levels or {}  # every level of the model, for messages
         self.resolved: dict[str, ir.Flow | None] = {}
         self.resolving: list[str] = []
         self.used: set[str] = set()
@@ -34,6 +36,15 @@ class _LevelScope:
 
     def names(self):
         return list(self.lets) + list(self.states) + ["input"]
+
+    def not_callable(self, name: str, span: Span) -> bool:
+        """NL201 for a level this level cannot call (not an earlier level of its block)."""
+        if name not in self.all_levels or name in self.block_levels:
+            return False
+        self.ctx.err("NL201", f"level `{self.level}` cannot call level `{name}`: a flow calls only levels "
+                     "defined above it in the same block", span,
+                     f"move `{name}` above `{self.level}` in the block, or compute the value inside this level")
+        return True
 
 
 def _flow(scope: _LevelScope, e: ast.Expr, implicit: ir.Flow | None) -> ir.Flow | None:
@@ -45,10 +56,12 @@ def _flow(scope: _LevelScope, e: ast.Expr, implicit: ir.Flow | None) -> ir.Flow 
                 return None
             cur = _stage(scope, st, cur)
         return cur
-    if isinstance(e, ast.Num):
-        return ir.Flow("const", value=e.value, width=sympy.Integer(1), per_head=False, span=e.span)
-    if isinstance(e, ast.Neg) and isinstance(e.operand, ast.Num):
-        return ir.Flow("const", value=-e.operand.value, width=sympy.Integer(1), span=e.span)
+    if isinstance(e, ast.Num) or (isinstance(e, ast.Neg) and isinstance(e.operand, ast.Num)):
+        v = _eval(ctx, e, {}, "constant")  # reports malformed and out-of-range numbers
+        if v is None:
+            return None
+        value = e.value if isinstance(e, ast.Num) else -e.operand.value
+        return ir.Flow("const", value=value, width=sympy.Integer(1), per_head=False, span=e.span)
     if isinstance(e, ast.Name):
         n = e.id
         if n == "input":
@@ -66,8 +79,11 @@ def _flow(scope: _LevelScope, e: ast.Expr, implicit: ir.Flow | None) -> ir.Flow 
         if n in ctx.dims:
             v = ctx.dims[n]
             return ir.Flow("const", value=v, width=sympy.Integer(1), span=e.span)
+        if scope.not_callable(n, e.span):
+            return None
         ctx.err("NL201", f"unknown name `{n}` in level `{scope.level}`{did_you_mean(n, scope.names())}",
-                e.span)
+                e.span, "a flow names `input`, a `let` binding or a state of this level, an earlier level of "
+                "the block, a stage or a dimension")
         return None
     if isinstance(e, ast.Call):
         f = e.func.text
@@ -85,6 +101,8 @@ def _flow(scope: _LevelScope, e: ast.Expr, implicit: ir.Flow | None) -> ir.Flow 
                 ctx.err("NL205", f"`{f}` needs an input here; write `x | {f}(...)`", e.span)
                 return None
             return _stage(scope, e, implicit)
+        if scope.not_callable(f, e.func.span):
+            return None
         ctx.err("NL201", f"unknown function `{f}` in level `{scope.level}`"
                 f"{did_you_mean(f, list(scope.states) + list(options.OPS) + list(scope.block_levels))}",
                 e.func.span, f"a flow stage is a state of this level, an earlier level of the block, or {allowed(options.OPS)}")
@@ -141,6 +159,8 @@ def _stage(scope: _LevelScope, st: ast.Expr, prev: ir.Flow) -> ir.Flow | None:
             ctx.err("NL205", f"`{f}` as a pipeline stage takes no arguments (`x | {f}`)", st.span)
         return _apply_callable(scope, f, prev, fspan, st.span)
     if f not in options.OPS:
+        if scope.not_callable(f, fspan):
+            return None
         ctx.err("NL203", f"unknown flow stage `{f}`{did_you_mean(f, list(options.OPS) + list(scope.states))}",
                 fspan, f"stages are {allowed(options.OPS)}, or a state of this level")
         return None
@@ -151,10 +171,14 @@ def _stage(scope: _LevelScope, st: ast.Expr, prev: ir.Flow) -> ir.Flow | None:
     width = prev.width
     per_head = prev.per_head
     if spec.positional == "shape":
-        if len(pos) != 1 or not isinstance(pos[0], ast.Shape):
+        # `linear(a -> b)`, or `linear(n)` for `n -> n` (as for memories, see options.ArgSpec)
+        if len(pos) != 1:
             ctx.err("NL205", f"`{f}` takes a shape, e.g. `{f}(d -> dh)`", st.span)
             return None
-        a, b = _eval(ctx, pos[0].src, {}), _eval(ctx, pos[0].dst, {})
+        if isinstance(pos[0], ast.Shape):
+            a, b = _eval(ctx, pos[0].src, {}), _eval(ctx, pos[0].dst, {})
+        else:
+            a = b = _eval(ctx, pos[0], {})
         params.append(("shape", (a, b)))
         width = b
         per_head = scope.per_head

@@ -46,26 +46,39 @@ def _level(ctx: _Ctx, lv: ast.Level, scope_t: tuple, d_model, block_levels: dict
         elif "heads" in ctx.dims:
             hv = ctx.dims["heads"]
         else:
-            ctx.err("NL304", f"level `{name}` is per head but no `heads` dimension is defined", lv.span,
+            ctx.err("NL304", f"level `{name}` is per head but no `heads` dimension is defined", lv.name.span,
                     "define `heads` in dims, or write `per head(4)`")
             hv = None
+        if hv is not None and lv.heads is not None and not (hv.is_Integer and hv > 0):
+            if not hv.is_Integer:
+                ctx.err("NL301", f"level `{name}` is split into {hv} heads, not a whole number", lv.heads.span)
+            else:
+                ctx.err("NL302", f"level `{name}` is split into {hv} heads; it needs at least 1", lv.heads.span)
+            hv = None
+        if hv is None or not (hv.is_Integer and hv > 0):
+            hv = ctx.dims.get("heads")  # keep going with the model's head count (or 1)
         heads = int(hv) if hv is not None and hv.is_Integer and hv > 0 else 1
 
     # states
     states: dict[str, ir.StateDecl] = {}
     primary_mem = None
     if lv.memory is not None:
+        # "state" is recorded even when the memory does not resolve (already reported), so that
+        # the verifier does not also report the level as having no memory
+        spans.setdefault("state", lv.memory.span)
         primary_mem = _memory(ctx, lv.memory, {})
         if primary_mem is not None:
             states[name] = ir.StateDecl(name, primary_mem, lv.memory.span)
     for it in lv.items:
         if isinstance(it, ast.State):
+            spans.setdefault("state", it.span)
             mem = _memory(ctx, it.memory, {})
             for n in it.names:
                 if n.text in states:
                     ctx.err("NL202", f"state `{n.text}` is declared twice in level `{name}`", n.span)
                     continue
-                _check_ident(ctx, n)
+                if not _check_ident(ctx, n, "state"):
+                    continue  # a reserved name would shadow a stage or `input` in every flow
                 if mem is not None:
                     states[n.text] = ir.StateDecl(n.text, replace(mem, span=it.memory.span), n.span)
     lets: dict[str, ast.Let] = {}
@@ -75,17 +88,22 @@ def _level(ctx: _Ctx, lv: ast.Level, scope_t: tuple, d_model, block_levels: dict
             if n in lets or n in states:
                 ctx.err("NL202", f"`{n}` is defined twice in level `{name}`", it.name.span)
                 continue
-            _check_ident(ctx, it.name)
+            if not _check_ident(ctx, it.name, "binding"):
+                continue
             lets[n] = it
 
     input_width = d_model
-    scope = _LevelScope(ctx, name, lv.per_head, heads, input_width, states, lets, block_levels)
+    scope = _LevelScope(ctx, name, lv.per_head, heads, input_width, states, lets, block_levels, all_levels)
     bindings = []
     for n, let in lets.items():
         f = _ref(scope, n, let.name.span)
         scope.used.discard(n)
         if f is not None:
             bindings.append(ir.Binding(n, scope.resolved[n], let.span))
+        else:
+            # already reported; keep the name bound to a flow of unknown width so that checks of
+            # keys, values and gates do not report the same mistake again
+            bindings.append(ir.Binding(n, ir.Flow("input", name="<error>", span=let.value.span), let.span))
 
     # kind and period
     period, kind = _period(ctx, lv, clauses, scope_t, primary_mem, states)
@@ -126,7 +144,8 @@ def _level(ctx: _Ctx, lv: ast.Level, scope_t: tuple, d_model, block_levels: dict
 
     # rule
     rule, rule_args = None, ()
-    if "rule" in clauses:
+    no_update = kind in (ir.LevelKind.ATTENTION, ir.LevelKind.STATIC, ir.LevelKind.FROZEN)
+    if "rule" in clauses and not no_update:
         r = clauses["rule"]
         rname = r.name.text
         if kind is ir.LevelKind.IN_CONTEXT:
@@ -135,7 +154,6 @@ def _level(ctx: _Ctx, lv: ast.Level, scope_t: tuple, d_model, block_levels: dict
             table = options.OPTIMIZER_RULES
         else:
             table = options.OUTER_RULES
-        opt_levels = [n for n, l in all_levels.items() if _is_optimizer_ast(l)]
         if rname in table:
             rule = rname
             rule_args = _hyper_args(ctx, table[rname], r.args, f"rule `{rname}`", r.span, scope, lets)
@@ -146,9 +164,16 @@ def _level(ctx: _Ctx, lv: ast.Level, scope_t: tuple, d_model, block_levels: dict
                         r.args[0].span)
         else:
             every_rule = set(options.IN_CONTEXT_RULES) | set(options.OUTER_RULES) | set(options.OPTIMIZER_RULES)
+            # (only on this error path: scanning every level per rule would make resolution quadratic)
+            opt_levels = [n for n, l in all_levels.items() if _is_optimizer_ast(l)]
+            takes = allowed(list(table) + (opt_levels if kind is ir.LevelKind.OUTER else []))
             if rname in every_rule:
-                ctx.err("NL602", f"rule `{rname}` is not available for a {kind.value.replace('_', '-')} level",
-                        r.name.span, f"this level takes {allowed(list(table) + (opt_levels if kind is ir.LevelKind.OUTER else []))}")
+                ctx.err("NL602", f"rule `{rname}` is not available for {kind.a_label} level",
+                        r.name.span, f"this level takes {takes}")
+            elif rname in all_levels:
+                ctx.err("NL602", f"`rule {rname}` names a level, but only the outer level and steps levels "
+                        f"are updated by optimizer levels; `{name}` is {kind.a_label} level",
+                        r.name.span, f"this level takes {takes}")
             else:
                 ctx.err("NL203", f"unknown rule `{rname}`{did_you_mean(rname, list(table) + opt_levels)}",
                         r.name.span, f"this level takes {allowed(list(table) + (opt_levels if kind is ir.LevelKind.OUTER else []))}")
@@ -189,9 +214,12 @@ def _level(ctx: _Ctx, lv: ast.Level, scope_t: tuple, d_model, block_levels: dict
                 ctx.err("NL205", "`truncate` needs a count: `grad through writes truncate 2 chunks`", g.span)
                 grad = ir.GradWrites("full", span=g.span)
             else:
-                if g.unit is None or g.unit.text not in ("chunks", "chunk"):
+                if g.unit is None:
                     ctx.err("NL401", "the truncation length needs its unit `chunks`", g.span,
-                            "write `grad through writes truncate 2 chunks`")
+                            f"write `grad through writes truncate {_short(g.count)} chunks`")
+                elif g.unit.text not in ("chunks", "chunk"):
+                    ctx.err("NL406", f"gradients are truncated after a number of `chunks`, not `{g.unit.text}`",
+                            g.unit.span, f"write `grad through writes truncate {_short(g.count)} chunks`")
                 n = _eval(ctx, g.count, {}, "count")
                 grad = ir.GradWrites("truncate", int(n) if n is not None and n.is_Integer else None, span=g.span)
         else:
@@ -226,7 +254,7 @@ def _level(ctx: _Ctx, lv: ast.Level, scope_t: tuple, d_model, block_levels: dict
             q = _ref(scope, "query", lv.span) if "query" in lets else implicit_input
             if q is not None:
                 reads = _apply_callable(scope, only, q, lv.span, lv.span)
-        elif len(states) > 1:
+        elif len(states) > 1 and kind is not ir.LevelKind.ATTENTION:
             ctx.err("NL206", f"level `{name}` has {len(states)} states; say which one it outputs with `reads`",
                     lv.span, f"e.g. `reads {next(iter(states))}(query)`")
     for role in ("key", "value"):
@@ -283,19 +311,26 @@ def _is_optimizer_ast(lv: ast.Level) -> bool:
                and it.value.func.text == "grads" for it in lv.items)
 
 
-def _check_ident(ctx: _Ctx, ident: ast.Ident) -> None:
+def _check_ident(ctx: _Ctx, ident: ast.Ident, what: str = "") -> bool:
+    """Report a reserved name (NL208); True when the name is usable."""
     if ident.text in options.RESERVED:
-        ctx.err("NL208", f"`{ident.text}` is reserved and cannot name a state or binding", ident.span)
-    elif ident.text.startswith("_"):
+        kind = ("the flow input" if ident.text == "input" else
+                "a flow stage" if ident.text in options.OPS else "a memory constructor")
+        ctx.err("NL208", f"`{ident.text}` is reserved ({kind}) and cannot name a {what or 'state or binding'}",
+                ident.span, f"rename it, e.g. `{ident.text}_{what.split()[-1] if what else 'x'}`")
+        return False
+    if ident.text.startswith("_"):
         ctx.err("NL208", f"names may not start with '_' (`{ident.text}`)", ident.span,
                 "names starting with '_' are reserved for generated code")
+        return False
+    return True
 
 
 def _period_count(ctx, value, unit, span, allow: set) -> int | None:
     v = _eval(ctx, value, {}, "period")
     if unit is None:
         ctx.err("NL401", f"the period `{_short(value)}` has no unit", span,
-                "write `every 16 tokens` or `every 4 steps`")
+                f"write `{_short(value)} tokens` (within a sequence) or `{_short(value)} steps` (outer optimizer steps)")
         return int(v) if v is not None and v.is_Integer else None
     u = options.UNITS.get(unit.text)
     if u is None:
@@ -303,14 +338,18 @@ def _period_count(ctx, value, unit, span, allow: set) -> int | None:
                 "units are `tokens` and `steps`")
         return None
     if u not in allow:
-        ctx.err("NL406", f"a reset counts `tokens`, not `{unit.text}`", unit.span)
+        ctx.err("NL406", f"a reset counts `tokens`, not `{unit.text}`", unit.span,
+                f"write `reset every N tokens`")
+        return None
     if v is None:
         return None
     if not v.is_Integer:
-        ctx.err("NL301", f"the period {v} is not an integer", value.span)
+        ctx.err("NL301", f"the period {v} is not an integer", value.span,
+                "a period counts whole tokens or steps")
         return None
     if v <= 0:
-        ctx.err("NL302", f"the period must be at least 1, got {v}", value.span)
+        ctx.err("NL302", f"the period must be at least 1, got {v}", value.span,
+                "a level updates at most once per token (`every 1 tokens`); for no updates write `never`")
         return None
     return int(v)
 
@@ -336,19 +375,22 @@ def _period(ctx, lv, clauses, scope_t, primary_mem, states):
     else:
         n = _period_count(ctx, p.value, p.unit, p.span, allow={"tokens", "steps"})
         u = options.UNITS.get(p.unit.text) if p.unit is not None else None
-        period = ir.Period(n, ir.Unit(u) if u else ir.Unit.NEVER, p.span)
-        if p.unit is None:
-            # keep going with the most plausible unit for the level's place
-            period = ir.Period(n, ir.Unit.STEPS if in_model else ir.Unit.TOKENS, p.span)
+        if u is None:
+            # missing or unknown unit (reported): keep going with the most plausible unit for the
+            # level's place, so the level keeps its kind and its other clauses are checked as such
+            period = ir.Period(n, ir.Unit.STEPS if (in_model or is_opt) else ir.Unit.TOKENS, p.span)
+        else:
+            period = ir.Period(n, ir.Unit(u), p.span)
     if is_attention:
         if not (period.unit is ir.Unit.TOKENS and period.every == 1):
             ctx.err("NL406", f"attention level `{name}` updates with every token; its period is `every 1 tokens`",
-                    period.span)
+                    period.span, "remove the period (attention is non-parametric); for a window write "
+                    "`attention(window = N)`")
         return period, ir.LevelKind.ATTENTION
     if is_opt:
         if not in_model:
             ctx.err("NL207", f"optimizer level `{name}` (context grads) belongs at model scope, not in a block",
-                    lv.name.span)
+                    lv.name.span, f"move level `{name}` out of the block, next to the outer level")
         if period.unit is ir.Unit.TOKENS:
             ctx.err("NL406", f"optimizer level `{name}` updates per outer step: use `every N steps`", period.span)
         return period, ir.LevelKind.OPTIMIZER
@@ -357,7 +399,8 @@ def _period(ctx, lv, clauses, scope_t, primary_mem, states):
             ctx.err("NL406", f"level `{name}` at model scope counts outer `steps`; in-context levels live in blocks",
                     period.span)
         elif period.unit in (ir.Unit.NEVER, ir.Unit.FROZEN):
-            ctx.err("NL207", f"model-scope level `{name}` must update every N steps", period.span)
+            ctx.err("NL207", f"model-scope level `{name}` must update every N steps", period.span,
+                    "the outer level takes one optimizer step per batch: write `every 1 steps`")
         return period, ir.LevelKind.OUTER
     if period.unit is ir.Unit.TOKENS:
         return period, ir.LevelKind.IN_CONTEXT

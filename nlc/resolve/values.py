@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +25,8 @@ class _Ctx:
         self.dims: dict[str, Any] = {}
         self.dim_spans: dict[str, Span] = {}
         self.templates: dict[str, ast.MemoryDef] = {}
+        # while dims are evaluated: dims defined further down (name -> span), for NL304 messages
+        self.later_dims: dict[str, Span] = {}
 
     def err(self, code, msg, span, hint="", notes=()):
         self.diags.error(code, msg, span, hint, notes)
@@ -43,13 +46,23 @@ def _eval(ctx: _Ctx, e: ast.Expr, env: dict[str, Any], what: str = "dimension") 
         except ValueError:
             ctx.err("NL105", f"malformed number `{e.text}`", e.span)
             return None
+        if isinstance(v, float) and not math.isfinite(v):
+            ctx.err("NL105", f"the number `{e.text}` is too large to represent", e.span,
+                    "numbers must be finite 64-bit floats (at most about 1.8e308)")
+            return None
         return sympy.Integer(v) if isinstance(v, int) else sympy.Float(v)
     if isinstance(e, ast.Name):
         if e.id in env:
             return env[e.id]
         if e.id in ctx.dims:
             return ctx.dims[e.id]
-        ctx.err("NL304", f"{what} `{e.id}` is not defined{did_you_mean(e.id, list(env) + list(ctx.dims))}",
+        where = "" if what == "dimension" else f" (in {what})"
+        later = ctx.later_dims.get(e.id)
+        if later is not None:
+            ctx.err("NL304", f"dimension `{e.id}` is used before its definition on line {later.line}{where}",
+                    e.span, "define each dim from ones defined above it: move it up")
+            return None
+        ctx.err("NL304", f"dimension `{e.id}` is not defined{where}{did_you_mean(e.id, list(env) + list(ctx.dims))}",
                 e.span)
         return None
     if isinstance(e, ast.Neg):
@@ -67,7 +80,7 @@ def _eval(ctx: _Ctx, e: ast.Expr, env: dict[str, Any], what: str = "dimension") 
         if e.op == "*":
             return a * b
         if b == 0:
-            ctx.err("NL301", "division by zero", e.span)
+            ctx.err("NL301", "division by zero", e.span, "divide by a dimension or number that is not 0")
             return None
         return sympy.Rational(a, b) if (a.is_Integer and b.is_Integer) else a / b
     ctx.err("NL205", f"expected a number here, found `{_short(e)}`", e.span)
@@ -75,26 +88,68 @@ def _eval(ctx: _Ctx, e: ast.Expr, env: dict[str, Any], what: str = "dimension") 
 
 
 def _short(e: ast.Expr) -> str:
-    from .printer import print_expr
+    from ..printer import print_expr
 
     s = print_expr(e)
     return s if len(s) < 40 else s[:37] + "..."
 
 
+def _dim_cycle(name: str, defs: dict[str, ast.DimDef]) -> list[str] | None:
+    """The first circular chain of definitions through ``name`` (``[a, b, a]``), or None."""
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        if n in path:
+            return path[path.index(n):] + [n] if n == name else None
+        if n not in defs:
+            return None
+        path.append(n)
+        for ref in (x.id for x in ast.walk(defs[n].value) if isinstance(x, ast.Name)):
+            found = visit(ref)
+            if found:
+                return found
+        path.pop()
+        return None
+
+    return visit(name)
+
+
 def _dims(ctx: _Ctx, dims: ast.Dims) -> None:
+    """Evaluate dims in order. A dim that is not a positive integer is reported here, once, and
+    its value becomes unknown (None), so that nothing computed from it is reported again."""
+    first: dict[str, ast.DimDef] = {}
     for dd in dims.defs:
+        first.setdefault(dd.name.text, dd)
+    in_reported_cycle: set[str] = set()
+    for i, dd in enumerate(dims.defs):
         name = dd.name.text
         if name in ctx.dims:
             ctx.err("NL202", f"dimension `{name}` is defined twice", dd.name.span,
                     notes=[(ctx.dim_spans[name], "first defined here")])
             continue
-        refs = {n.id for n in ast.walk(dd.value) if isinstance(n, ast.Name)}
-        if name in refs:
-            ctx.err("NL305", f"dimension `{name}` is defined in terms of itself", dd.value.span)
+        cycle = None if name in in_reported_cycle else _dim_cycle(name, first)
+        if cycle is not None or name in in_reported_cycle:
+            if cycle is None:
+                pass  # reported at the first dim of its circle
+            elif len(cycle) == 2:
+                ctx.err("NL305", f"dimension `{name}` is defined in terms of itself", dd.value.span)
+            else:
+                ctx.err("NL305", f"dimensions are defined in a circle: {' -> '.join(cycle)}", dd.value.span)
+                in_reported_cycle.update(cycle)
             ctx.dims[name] = None
             ctx.dim_spans[name] = dd.name.span
             continue
+        ctx.later_dims = {d.name.text: d.name.span for d in dims.defs[i + 1:] if d.name.text not in ctx.dims}
         v = _eval(ctx, dd.value, {}, "dimension")
+        ctx.later_dims = {}
+        if v is not None and not (v.is_Integer and v > 0):
+            if not v.is_Integer:
+                ctx.err("NL301", f"dimension `{name}` is {v}, not an integer", dd.name.span,
+                        "make the division exact, e.g. pick d divisible by heads" if isinstance(dd.value, ast.BinOp)
+                        and dd.value.op == "/" else "dimensions are integers >= 1")
+            else:
+                ctx.err("NL302", f"dimension `{name}` is {v}; it must be at least 1", dd.name.span)
+            v = None
         ctx.dims[name] = v
         ctx.dim_spans[name] = dd.name.span
 
@@ -120,7 +175,7 @@ def _check_kwargs(ctx: _Ctx, spec: options.ArgSpec, kw: dict, what: str, call_sp
                     a.name.span, hint)
     for r in spec.required:
         if r not in kw:
-            ctx.err("NL205", f"{what} needs `{r} = ...`", call_span)
+            ctx.err("NL205", f"{what} needs `{r} = ...`", call_span, f"add `{r} = <value>` to its arguments")
 
 
 def _name_value(ctx: _Ctx, e: ast.Expr, allowed_names: tuple[str, ...], what: str) -> str | None:
@@ -168,10 +223,14 @@ def _memory(ctx: _Ctx, e: ast.Expr, env: dict, depth: int = 0) -> ir.MemoryType 
         pos, kw = _split_args(args)
         if kw:
             first = next(iter(kw.values()))
-            ctx.err("NL205", f"memory template `{name}` takes positional arguments only", first.span)
+            params = ", ".join(p.text for p in t.params)
+            ctx.err("NL205", f"memory template `{name}` takes positional arguments only", first.span,
+                    f"write `{name}({params})` with values in that order")
+            return None
         if len(pos) != len(t.params):
+            params = ", ".join(p.text for p in t.params)
             ctx.err("NL205", f"memory template `{name}` takes {len(t.params)} argument(s), "
-                    f"got {len(pos)}", span)
+                    f"got {len(pos)}", span, f"it is defined as `{name}({params})` on line {t.span.line}")
             return None
         sub = dict(env)
         for p, a in zip(t.params, pos):

@@ -25,6 +25,8 @@ from ..diagnostics import Diagnostics, did_you_mean
 __all__ = ["check", "build_graph"]
 
 _NON_UPDATE = (ir.EdgeKind.DATA, ir.EdgeKind.GENERATES, ir.EdgeKind.INIT)
+# levels another level can start from (`init from`); others are reported as NL504
+_INIT_SOURCES = (ir.LevelKind.IN_CONTEXT, ir.LevelKind.STATIC, ir.LevelKind.FROZEN, ir.LevelKind.STEPS_GROUP)
 
 
 def _sublayer_levels(program: ir.Program, sub: ir.Sublayer) -> list[str]:
@@ -68,8 +70,10 @@ def build_graph(program: ir.Program) -> nx.MultiDiGraph:
             label = f"every {lv.period.every} steps" if lv.kind is ir.LevelKind.STEPS_GROUP else "params"
             edge(outer, lv.name, ir.EdgeKind.OWNS, label)
         if lv.kind is ir.LevelKind.IN_CONTEXT:
-            if lv.init.mode == "from" and lv.init.source:
-                edge(lv.init.source, lv.name, ir.EdgeKind.INIT, "init from", lv.init.span)
+            src = program.level(lv.init.source) if lv.init.mode == "from" and lv.init.source else None
+            if src is not None:
+                if src.states and src.kind in _INIT_SOURCES:  # else NL504, and no edge to cycle on
+                    edge(src.name, lv.name, ir.EdgeKind.INIT, "init from", lv.init.span)
             elif lv.init.mode == "learned" and outer:
                 edge(outer, lv.name, ir.EdgeKind.INIT, "meta-learned init")
         if lv.kind is ir.LevelKind.OPTIMIZER and lv.context_of:
@@ -77,6 +81,12 @@ def build_graph(program: ir.Program) -> nx.MultiDiGraph:
         if lv.rule and program.level(lv.rule) is not None:
             edge(lv.rule, lv.name, ir.EdgeKind.OPTIMIZES, "update")
     return g
+
+
+def _grad_source(program: ir.Program, name: str) -> bool:
+    """Does level ``name`` exist and have an outer gradient stream (else NL201/NL504 says so)?"""
+    src = program.level(name)
+    return src is not None and src.kind in (ir.LevelKind.OUTER, ir.LevelKind.STEPS_GROUP)
 
 
 def check(program: ir.Program, diags: Diagnostics) -> None:
@@ -90,8 +100,10 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
                 used_optimizers.add(opt.name)
                 if opt.kind is not ir.LevelKind.OPTIMIZER:
                     diags.error("NL504", f"level `{lv.name}` is updated by `{opt.name}`, which is not an optimizer "
-                                "level (it has no `context grads(...)`)", lv.clause_span("rule"))
-                elif opt.context_of and opt.context_of != lv.name:
+                                "level (it has no `context grads(...)`)", lv.clause_span("rule"),
+                                f"name an optimizer level (one with `context grads({lv.name})`), or a built-in "
+                                "optimizer such as `rule adamw(lr = 3e-4)`")
+                elif opt.context_of and opt.context_of != lv.name and _grad_source(program, opt.context_of):
                     diags.error("NL504", f"optimizer level `{opt.name}` reads the gradients of `{opt.context_of}` "
                                 f"but is used to update `{lv.name}`", lv.clause_span("rule"),
                                 f"write `context grads({lv.name})` in `{opt.name}`")
@@ -102,7 +114,7 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
                 diags.error("NL201", f"`grads({lv.context_of})`: no level named `{lv.context_of}`"
                             f"{did_you_mean(lv.context_of, names)}", lv.clause_span("context"))
             elif src.kind not in (ir.LevelKind.OUTER, ir.LevelKind.STEPS_GROUP):
-                diags.error("NL504", f"`grads({src.name})`: `{src.name}` is a {src.kind.value.replace('_', '-')} "
+                diags.error("NL504", f"`grads({src.name})`: `{src.name}` is {src.kind.a_label} "
                             "level, which has no outer gradient stream for an optimizer to read",
                             lv.clause_span("context"), "optimizer levels read the gradients of the outer level")
         # init from L
@@ -112,14 +124,16 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
                 diags.error("NL201", f"`init from {lv.init.source}`: no level named `{lv.init.source}`"
                             f"{did_you_mean(lv.init.source, names)}", lv.init.span)
             elif src is lv:
-                diags.error("NL501", f"level `{lv.name}` is initialised from itself", lv.init.span)
+                diags.error("NL501", f"level `{lv.name}` is initialised from itself", lv.init.span,
+                            "start from another (slower) level, or write `init learned`")
             elif not src.states or src.kind in (ir.LevelKind.ATTENTION, ir.LevelKind.OPTIMIZER,
                                                 ir.LevelKind.OUTER):
                 diags.error("NL504", f"`init from {src.name}`: `{src.name}` has no memory state to start from",
-                            lv.init.span)
+                            lv.init.span, "start from an in-context, `never` or steps level with the same memory, "
+                            "or write `init learned`")
             elif lv.kind is not ir.LevelKind.IN_CONTEXT:
                 diags.error("NL207", f"`init from` applies to in-context levels; `{lv.name}` is "
-                            f"{lv.kind.value.replace('_', '-')}", lv.init.span)
+                            f"{lv.kind.a_label} level", lv.init.span)
     for lv in program.levels:
         if lv.kind is ir.LevelKind.OPTIMIZER and lv.name not in used_optimizers:
             diags.error("NL503", f"optimizer level `{lv.name}` updates nothing: no level names it as its rule",
@@ -131,9 +145,12 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
     for u, v, data in g.edges(data=True):
         if data["kind"] in _NON_UPDATE:
             sub.add_edge(u, v)
+    order = {lv.name: i for i, lv in enumerate(program.levels)}
     for cycle in nx.simple_cycles(sub):
         if len(cycle) == 1:
             continue  # self-loops (init from itself) are reported above
+        first = min(range(len(cycle)), key=lambda i: order.get(cycle[i], 0))
+        cycle = cycle[first:] + cycle[:first]  # start at the level written first: stable and readable
         lv = program.level(cycle[0])
         diags.error("NL501", f"levels feed each other without a state update in between: "
                     f"{' -> '.join(cycle + [cycle[0]])}", lv.name_span if lv else program.span)

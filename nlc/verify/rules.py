@@ -28,6 +28,11 @@ def _stated(level: ir.Level, clause: str) -> bool:
     return clause in dict(level.clause_spans)
 
 
+def _missing_at(level: ir.Level, clause: str):
+    """Where to report a clause: the clause when stated, else the level's name."""
+    return level.clause_span(clause) if _stated(level, clause) else level.name_span
+
+
 def _learnable(flow: ir.Flow | None) -> bool:
     """Does this flow contain parameters the outer loss trains (projections, memories)?"""
     if flow is None:
@@ -60,7 +65,7 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
         k = lv.kind
         name = lv.name
         if k is ir.LevelKind.IN_CONTEXT:
-            if not lv.states:
+            if not lv.states and not _stated(lv, "state"):
                 diags.error("NL206", f"in-context level `{name}` has no state", lv.name_span,
                             "give it a memory (`level x : mlp(d)`) or `state m : linear(d -> d)`")
             for clause, what in (("objective", "objective l2"), ("rule", "rule gd(lr = 0.1)")):
@@ -69,7 +74,8 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
                                 f"add e.g. `{what}`: an in-context {clause} is never implied")
             for s in lv.states:
                 if s.memory.kind not in _TRAINABLE:
-                    diags.error("NL601", f"state `{s.name}` of in-context level `{name}` is a "
+                    article = "an" if s.memory.kind[0] in "aeiou" else "a"
+                    diags.error("NL601", f"state `{s.name}` of in-context level `{name}` is {article} "
                                 f"`{s.memory.kind}` memory, which has no in-context update",
                                 s.memory.span, f"in-context memories are {', '.join(_TRAINABLE)}")
             if lv.objective in options.OUTER_OBJECTIVES:
@@ -79,14 +85,15 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
             _check_learning(lv, diags)
         elif k is ir.LevelKind.ATTENTION:
             for clause in ("objective", "rule", "init", "grad", "target", "read", "reset"):
-                if _stated(lv, clause):
+                if _stated(lv, clause) and not _causal(lv, clause):
                     diags.error("NL207", f"attention level `{name}` is non-parametric; `{clause}` does not apply",
                                 lv.clause_span(clause), "its update is the closed-form solution (paper eq 62)")
             if len(lv.states) > 1:
-                diags.error("NL207", f"attention level `{name}` has no other states", lv.name_span)
+                diags.error("NL207", f"attention level `{name}` has no other states", lv.name_span,
+                            "remove the `state` statements: attention keeps no parameters of its own")
         elif k in (ir.LevelKind.STATIC, ir.LevelKind.FROZEN):
             for clause in ("objective", "rule", "reset", "init", "grad", "read", "target"):
-                if _stated(lv, clause):
+                if _stated(lv, clause) and not _causal(lv, clause):
                     diags.error("NL207", f"level `{name}` is `{lv.period.unit.value}`: `{clause}` does not "
                                 "apply (it has no update of its own)", lv.clause_span(clause),
                                 "remove it, or give the level a period (`every 64 tokens`)")
@@ -95,9 +102,10 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
             if lv.objective != "next_token":
                 diags.error("NL206" if lv.objective is None else "NL602",
                             f"level `{name}` updates every {lv.period.every} steps, so it is trained by the outer "
-                            "loss: state `objective next_token`", lv.clause_span("objective"))
+                            "loss: state `objective next_token`", _missing_at(lv, "objective"),
+                            "add `objective next_token`" if lv.objective is None else "write `objective next_token`")
             for clause in ("reset", "init", "grad", "read", "target"):
-                if _stated(lv, clause):
+                if _stated(lv, clause) and not _causal(lv, clause):
                     diags.error("NL207", f"`{clause}` applies to in-context levels, not to steps level `{name}`",
                                 lv.clause_span(clause))
             _one_memory(lv, diags)
@@ -105,25 +113,32 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
             if lv.objective != "next_token":
                 diags.error("NL206" if lv.objective is None else "NL602",
                             f"outer level `{name}` must state `objective next_token`",
-                            lv.clause_span("objective"))
+                            _missing_at(lv, "objective"), "the outer level minimises the next-token loss: "
+                            "write `objective next_token`")
             if lv.rule is None and not _stated(lv, "rule"):
                 diags.error("NL206", f"outer level `{name}` does not state its rule", lv.name_span,
                             "add e.g. `rule adamw(lr = 3e-4, wd = 0.1)` or name an optimizer level")
             for clause in ("reads", "reset", "init", "grad", "read", "target", "output"):
-                if _stated(lv, clause):
+                if _stated(lv, clause) and not _causal(lv, clause):
                     diags.error("NL207", f"`{clause}` does not apply to outer level `{name}`",
                                 lv.clause_span(clause))
             if lv.states:
                 diags.error("NL207", f"outer level `{name}` owns the model's parameters; it declares no states",
                             lv.states[0].span)
         elif k is ir.LevelKind.OPTIMIZER:
-            if not lv.states:
+            for clause in ("reads", "reset", "init", "grad", "target"):
+                if _stated(lv, clause):
+                    diags.error("NL207", f"`{clause}` does not apply to optimizer level `{name}`", lv.clause_span(clause),
+                                "an optimizer level keeps one buffer per parameter, starts it at zero and "
+                                "steps it once per outer step; remove the clause")
+            if not lv.states and not _stated(lv, "state"):
                 diags.error("NL206", f"optimizer level `{name}` has no state", lv.name_span,
                             "add `state m : elementwise` (one buffer per parameter)")
             for s in lv.states:
                 if s.memory.kind != "elementwise":
                     diags.error("NL601", f"optimizer level `{name}` keeps per-parameter buffers: state "
-                                f"`{s.name}` must be `elementwise`, not `{s.memory.kind}`", s.memory.span)
+                                f"`{s.name}` must be `elementwise`, not `{s.memory.kind}`", s.memory.span,
+                                f"write `state {s.name} : elementwise`")
             if lv.rule is None and not _stated(lv, "rule"):
                 diags.error("NL206", f"optimizer level `{name}` does not state its rule", lv.name_span,
                             f"optimizer rules are {', '.join(options.OPTIMIZER_RULES)}")
@@ -158,13 +173,18 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
                         lv.clause_span("context"))
 
 
+def _causal(lv: ir.Level, clause: str) -> bool:
+    """`read causal` outside an in-context level is NL603's case, not a generic NL207."""
+    return clause == "read" and lv.read_mode == "causal"
+
+
 def _one_memory(lv: ir.Level, diags: Diagnostics) -> None:
-    if not lv.states:
+    if not lv.states and not _stated(lv, "state"):
         diags.error("NL206", f"level `{lv.name}` has no memory", lv.name_span, "write `level name : mlp(d) { ... }`")
     for s in lv.states:
         if s.memory.kind == "elementwise":
             diags.error("NL601", f"`elementwise` states belong to optimizer levels, not `{lv.name}`",
-                        s.memory.span)
+                        s.memory.span, "use `linear`, `mlp`, `residual_mlp` or `swiglu`")
 
 
 def _check_learning(lv: ir.Level, diags: Diagnostics) -> None:

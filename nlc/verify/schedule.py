@@ -16,6 +16,10 @@ from ..diagnostics import Diagnostics
 __all__ = ["check", "rate"]
 
 
+# levels whose state another level can start from (the graph pass reports the others)
+_INIT_SOURCES = (ir.LevelKind.IN_CONTEXT, ir.LevelKind.STATIC, ir.LevelKind.FROZEN, ir.LevelKind.STEPS_GROUP)
+
+
 def rate(level: ir.Level, seq: int | None):
     """Updates per token (a sympy Rational), 0 for never/frozen, None if not comparable."""
     p = level.period
@@ -34,7 +38,7 @@ def _faster_or_equal(a: ir.Level, b: ir.Level, seq) -> bool | None:
     """Is ``a`` updated at least as often as ``b``? None when not comparable."""
     ra, rb = rate(a, seq), rate(b, seq)
     if ra is not None and rb is not None:
-        return ra >= rb
+        return bool(ra >= rb)  # sympy relations are BooleanTrue/BooleanFalse, not bool
     ua, ub = a.period.unit, b.period.unit
     if ua is ir.Unit.TOKENS and ub is ir.Unit.STEPS:
         return True  # checked against seq elsewhere
@@ -64,12 +68,15 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
             diags.error("NL302", f"level `{lv.name}` truncates after {lv.grad_writes.chunks} chunks; "
                         "it must be at least 1", lv.grad_writes.span)
         if lv.kind is ir.LevelKind.STEPS_GROUP and outer is not None and p.every and outer.period.every:
-            if p.every % outer.period.every != 0:
+            if p.every < outer.period.every:
+                diags.error("NL402", f"level `{lv.name}` updates every {p.every} steps, more often than the outer "
+                            f"level `{outer.name}` ({outer.period}) that computes its gradients", p.span,
+                            f"use `every {outer.period.every} steps` or a multiple of it")
+            elif p.every % outer.period.every != 0:
                 diags.error("NL405", f"level `{lv.name}` updates every {p.every} steps, not a multiple of the "
-                            f"outer level's {outer.period.every}", p.span)
-            elif p.every < outer.period.every:
-                diags.error("NL402", f"level `{lv.name}` cannot update more often than the outer level that "
-                            "computes its gradients", p.span)
+                            f"outer level's {outer.period.every}", p.span,
+                            f"use a multiple of {outer.period.every}, e.g. `every "
+                            f"{outer.period.every * max(1, round(p.every / outer.period.every))} steps`")
         if lv.kind is ir.LevelKind.OPTIMIZER and lv.context_of:
             src = program.level(lv.context_of)
             if src is not None and src.period.every is not None and p.every is not None \
@@ -79,11 +86,13 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
                             "an optimizer level consumes each gradient once: use the same period")
         if lv.init.mode == "from" and lv.init.source:
             src = program.level(lv.init.source)
-            if src is not None and src is not lv and _faster_or_equal(src, lv, seq) is True \
+            if src is not None and src is not lv and src.states and src.kind in _INIT_SOURCES \
+                    and _faster_or_equal(src, lv, seq) is True \
                     and rate(src, seq) != rate(lv, seq):
                 diags.error("NL402", f"level `{lv.name}` starts from `{src.name}`, which updates more often "
                             f"({src.period}) than it does ({p}): knowledge flows from slower levels to faster ones",
-                            lv.init.span)
+                            lv.init.span, f"start `{lv.name}` from a level that updates at most as often, "
+                            "or write `init learned`")
 
     for g in program.cms:
         if g.variant != "nested":

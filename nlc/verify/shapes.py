@@ -14,6 +14,10 @@ from ..diagnostics import Diagnostics
 __all__ = ["check", "flow_width"]
 
 
+# levels whose state another level can start from (the graph pass reports the others)
+_INIT_SOURCES = (ir.LevelKind.IN_CONTEXT, ir.LevelKind.STATIC, ir.LevelKind.FROZEN, ir.LevelKind.STEPS_GROUP)
+
+
 def _ok_int(v) -> bool:
     return v is not None and isinstance(v, sympy.Basic) and v.is_Integer and v > 0
 
@@ -77,7 +81,7 @@ def check(program: ir.Program, diags: Diagnostics) -> None:
         _output(program, lv, diags, d)
         if lv.init.mode == "from" and lv.init.source:
             src = program.level(lv.init.source)
-            if src is not None and src.states and lv.states:
+            if src is not None and src is not lv and src.states and lv.states and src.kind in _INIT_SOURCES:
                 a, b = src.primary.memory, lv.primary.memory
                 if (a.kind, a.din, a.dout, a.hidden, a.depth) != (b.kind, b.din, b.dout, b.hidden, b.depth):
                     diags.error("NL303", f"level `{lv.name}` starts from `{src.name}`'s state, but their memories "
@@ -99,8 +103,10 @@ def _memory(diags, m: ir.MemoryType, what: str, d, program) -> None:
         heads = m.option("heads")
         if heads is None:
             heads = program.dim("heads")
-            if heads is None:
+            declared = "heads" in dict(program.dims)  # declared but invalid: reported at its definition
+            if heads is None and not declared and not diags.has_error_within(m.span):
                 diags.error("NL304", f"the {what} needs `heads = ...` (or a `heads` dimension)", m.span)
+            if heads is None:
                 return
         if _check_value(diags, f"the head count of the {what}", heads, m.span) and _ok_int(d):
             q = sympy.Rational(d, heads)
@@ -169,7 +175,7 @@ def _output(program, lv: ir.Level, diags, d) -> None:
                       ir.LevelKind.STEPS_GROUP)
     if not sub or not _ok_int(d):
         return
-    block = next((b for b in program.blocks if b.name == lv.block), None)
+    block = program.block(lv.block) if lv.block is not None else None
     if block is not None and lv.name in block.generators:
         return
     w = lv.output_width
