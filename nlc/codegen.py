@@ -115,10 +115,11 @@ def wrap(indent: str, code: str, comment: str = "") -> list[str]:
         if depth < 0:
             return lines + [indent + code]
     is_call = m.group(0) == "{" or (m.start() > 0 and (code[m.start() - 1].isalnum() or code[m.start() - 1] in "_.])"))
-    if not is_call:  # a grouping paren: no trailing comma (it would make a tuple)
+    parts = _split_top(inner)
+    if not is_call and len(parts) < 2:  # a grouping paren: no trailing comma (it would make a tuple)
         return lines + [indent + head] + wrap(indent + "    ", inner) + [indent + ")"]
     out = [indent + head]
-    for a in _split_top(inner):
+    for a in parts:
         out.extend(wrap(indent + "    ", a + ","))
     out.append(indent + closing[m.group(0)])
     return lines + out
@@ -137,6 +138,10 @@ def _prepare(plan: ModelPlan) -> None:
         for a in cls.attrs:
             a.lines = wrap(" " * 8, f"self.{a.name} = {a.code}", a.comment)
         cls.lines = [w for ln in cls.body for w in wrap(" " * (8 + 4 * ln.depth), ln.code, ln.comment)]
+        cls.method_lines = [
+            (name, args, doc, [w for ln in body for w in wrap(" " * (8 + 4 * ln.depth), ln.code, ln.comment)])
+            for name, args, doc, body in cls.methods
+        ]
         cls.doc = [w for d in cls.doc for w in textwrap.wrap(d, WIDTH - 8, subsequent_indent="    ")] or [""]
         if cls.is_level and cls.kind == "in_context":
             persist = next((a.code for a in cls.attrs if a.name == "persist"), "False")

@@ -214,6 +214,7 @@ class _LevelEmitter:
         _fail(flow.span, f"flow stage `{name}` is not lowered for this level")
 
     def chunk_of(self, seq_var: str, want: str) -> str:
+        """The name, inside ``chunk``, of this chunk's slice of a whole-sequence flow (passed in xs)."""
         key = "@" + seq_var
         if key not in self.cvar:
             self.cvar[key] = self.locals(f"{want}_c")
@@ -254,14 +255,12 @@ def _rule_const(em: _LevelEmitter) -> str:
 
 
 def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_parent: ir.Level | None) -> ClassPlan:
+    """An in-context level: hoisted flows in ``forward``, one chunk of the update in ``chunk``."""
     cls = ClassPlan(name=cns(camel(lv.name) + "Level"), level=lv.name, kind=lv.kind.value, doc=_doc(program, lv))
     em = _LevelEmitter(program, lv, cls, consts, cns)
     H = lv.heads
     C = lv.period.every
-    body = cls.body
     rule_c = _rule_const(em)
-    objective = lv.objective
-    huber = lv.objective_arg("delta")
     reads = lv.reads
     if reads is None or not any(f.kind == "read" for f in reads.walk()):
         _fail(lv.name_span, f"level `{lv.name}` must read one of its states (`reads state(query)`)")
@@ -273,93 +272,36 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         node = node.arg
     if node.kind != "read":
         _fail(reads.span, "`reads` must be a state call followed by stages, e.g. `reads mem(q) | l2norm`")
-    read_state = node.name
-    read_arg = node.arg
+    read_state, read_arg = node.name, node.arg
 
     cls.class_consts = [("period", str(C)), ("heads", str(H))]
-    if nested_parent is not None:
-        cls.signature = "x, start_states=None"
-    cls.signature += ", keep_chunk_states=False"
-
-    # initial states
+    cls.signature = ("x, start_states=None" if nested_parent is not None else "x") + ", keep_chunk_states=False"
+    momentum = lv.rule == "momentum" or (lv.rule == "dgd" and lv.rule_arg("momentum") is not None)
+    em.locals = Namespace({"self", "state", "xs", "states", "moms", "y"})
     for st in lv.states:
         spec = em.memory_spec(st)
         em.state_var[st.name] = em.locals(st.name)
-        if lv.init.mode == "learned" or (lv.init.mode == "from" and nested_parent is None):
+        if momentum:
+            em.mom_var[st.name] = em.locals(f"{st.name}_s")
+        if nested_parent is None and lv.init.mode == "learned":
             em.state_attr[st.name] = em.attr(
                 f"{st.name}0", f"nl_flows.MemoryInit({spec}, heads={H})",
                 lv.clause_span("init") if "init" in dict(lv.clause_spans) else st.span)
-    momentum = lv.rule == "momentum" or (lv.rule == "dgd" and lv.rule_arg("momentum") is not None)
-    for st in lv.states:
-        if momentum:
-            em.mom_var[st.name] = em.locals(f"{st.name}_s")
+    states = [em.state_var[s.name] for s in lv.states]
+    moms = [em.mom_var[s.name] for s in lv.states] if momentum else []
 
-    body.append(Line("B, T, _ = x.shape"))
-    body.append(Line("xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads"))
-
-    # flows computed once for the whole sequence
+    # ---- chunk(): one chunk of C tokens ---------------------------------------------------------
+    em.pending_slices = []
+    body: list[Line] = []
     order = _topo_bindings(lv)
     seq_bindings = [b for b in order if not _depends_on_state(lv, b.flow, em.dep_memo)]
     chunk_bindings = [b for b in order if _depends_on_state(lv, b.flow, em.dep_memo)]
-    if seq_bindings:
-        body.append(Line("# flows that read no in-context state: computed once for the whole sequence"))
-    for b in seq_bindings:
-        var = em.locals(b.name)
-        for j, code in enumerate(em.emit_assign(var, b.flow, "seq", b.name)):
-            body.append(Line(code, 0, "" if j else _line_comment(program, b.span)))
-        em.var[b.name] = var
-
-    def init_expr(st: ir.StateDecl) -> str:
-        spec = em.memory_spec(st)
-        if lv.init.mode == "zeros":
-            return f"nl_flows.zeros_state({spec}, B, {H}, x)"
-        return f"nl_flows.expand_state(self.{em.state_attr[st.name]}(), B)"
-
-    states = [em.state_var[s.name] for s in lv.states]
-    moms = [em.mom_var[s.name] for s in lv.states] if momentum else []
-    body.append(Line(f"# in-context states at the start of the sequence ({lv.init})"))
-    start_lines = []
-    if nested_parent is not None:
-        body.append(Line("if start_states is None:"))
-        body.append(Line(f"raise ValueError({('level `' + lv.name + '` is nested in `' + nested_parent.name + '`: call it with the chunk states of `' + nested_parent.name + '`')!r})", 1))
-    for st in lv.states:
-        if nested_parent is not None:
-            start_lines.append(Line(f"{em.state_var[st.name]} = nl_flows.expand_state(start_states[0], B)",
-                                    0, f"init from {nested_parent.name}"))
-        else:
-            start_lines.append(Line(f"{em.state_var[st.name]} = {init_expr(st)}"))
-    for m in moms:
-        start_lines.append(Line(f"{m} = None  # momentum starts at zero"))
-    body.append(Line("if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:"))
-    names = ", ".join(states + moms)
-    body.append(Line(f"{names}{',' if len(states + moms) == 1 else ''} = self.carry", 1,
-                     "persisted state (reset never / test-time learning)"))
-    body.append(Line("else:"))
-    for ln in start_lines:
-        body.append(Line(ln.code, 1, ln.comment))
-
-    body.append(Line("ys = []"))
-    body.append(Line("chunk_states = []"))
-    body.append(Line(f"for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, {C})):",
-                     0, _line_comment(program, lv.period.span) if lv.period.span.start else ""))
-    loop: list[Line] = []
-    # resets
-    if lv.reset.mode == "every":
-        N = lv.reset.every
-        loop.append(Line(f"if c0 > 0 and c0 % {N} == 0:", 0, _line_comment(program, lv.reset.span)))
-        for st in lv.states:
-            if nested_parent is not None:
-                loop.append(Line(f"{em.state_var[st.name]} = nl_flows.expand_state(start_states[c0 // {N}], B)", 1))
-            else:
-                loop.append(Line(f"{em.state_var[st.name]} = {init_expr(st)}", 1))
-        for m in moms:
-            loop.append(Line(f"{m} = None", 1))
-    loop.append(Line(f"if keep_chunk_states:"))
-    loop.append(Line(f"chunk_states.append({states[0]})", 1))
-    em.pending_slices = []
+    fwd_locals = Namespace({"self", "x", "xin", "B", "T", "state", "out", "chunk_states", "start_states",
+                            "keep_chunk_states"})
+    for b in seq_bindings:  # names of the whole-sequence flows (emitted into forward below)
+        em.var[b.name] = fwd_locals(b.name)
+    em.var["@input"] = "xin"
     chunk_lines: list[Line] = []
-    if chunk_bindings:
-        chunk_lines.append(Line("# flows that read the chunk-start states (paper eq 90)"))
     for b in chunk_bindings:
         var = em.locals(f"{b.name}_c")
         for j, code in enumerate(em.emit_assign(var, b.flow, "chunk", b.name)):
@@ -367,12 +309,12 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         em.cvar[b.name] = var
 
     def role(name: str) -> str:
-        if lv.binding(name) is not None:
-            return em.emit(ir.Flow("ref", name=name, per_head=lv.binding(name).flow.per_head), "chunk", name)
+        b = lv.binding(name)
+        if b is not None:
+            return em.emit(ir.Flow("ref", name=name, per_head=b.flow.per_head), "chunk", name)
         return em.emit(ir.Flow("input"), "chunk", name)
 
-    key = role("key")
-    value = role("value")
+    key, value = role("key"), role("value")
     query = em.emit(read_arg, "chunk", "query")
 
     def gate(name: str) -> str:
@@ -385,7 +327,6 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
 
     eta, alpha = gate("lr"), gate("decay")
     beta = gate("momentum") if momentum else "None"
-    # targets
     upd: list[Line] = []
     targets = {}
     if lv.target == "self":
@@ -398,50 +339,105 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     else:
         for st in lv.states:
             targets[st.name] = f"nl_flows.heads({value}, {H})"
-    upd.append(Line(f"# update every state with rule {lv.rule}: closed-form gradients at the chunk-start state",
+    upd.append(Line(f"# rule {lv.rule}: closed-form inner gradients at the chunk-start state, exact chunk form",
                     0, _line_comment(program, lv.clause_span("rule"))))
-    y_var = em.locals("y")
+    huber = lv.objective_arg("delta")
     obj_args = f", huber_delta={_num(huber.value)}" if huber is not None else ""
     for st in lv.states:
         sv = em.state_var[st.name]
         mv = em.mom_var.get(st.name, "None")
         is_read = st.name == read_state
         q = f"nl_flows.heads({query}, {H})" if is_read else "None"
-        out = y_var if is_read else "_"
-        mom_out = mv if momentum else "_"
         read_kw = f", read={lv.read_mode!r}" if is_read and lv.read_mode != "chunk" else ""
         upd.append(Line(
-            f"{out}, {sv}, {mom_out} = nl_chunk.chunk_step({em.memory_spec(st)}, {objective!r}, {rule_c}, "
-            f"{sv}, {mv}, nl_flows.heads({key}, {H}), {targets[st.name]}, {q}, {eta}, {alpha}, {beta}"
-            f"{read_kw}{obj_args})"))
-    # gradient through writes
-    gw = lv.grad_writes
-    if gw.mode == "stop":
+            f"{'y' if is_read else '_'}, {sv}, {mv if momentum else '_'} = nl_chunk.chunk_step("
+            f"{em.memory_spec(st)}, {lv.objective!r}, {rule_c}, {sv}, {mv}, nl_flows.heads({key}, {H}), "
+            f"{targets[st.name]}, {q}, {eta}, {alpha}, {beta}{read_kw}{obj_args})"))
+    if lv.grad_writes.mode == "stop":
         upd.append(Line("# grad through writes stop: the outer loss does not see the writes"))
         for v in states + moms:
             upd.append(Line(f"{v} = nl_flows.detach_state({v})"))
-    elif gw.mode == "truncate":
-        upd.append(Line(f"if (i + 1) % {gw.chunks} == 0:  # grad through writes truncate {gw.chunks} chunks"))
-        for v in states + moms:
-            upd.append(Line(f"{v} = nl_flows.detach_state({v})", 1))
-    upd.append(Line(f"ys.append({y_var})"))
-    for ln in em.pending_slices + chunk_lines + upd:
-        loop.append(Line(ln.code, ln.depth, ln.comment))
-    for ln in loop:
-        body.append(Line(ln.code, ln.depth + 1, ln.comment))
+    slices = em.pending_slices
+    xs_seq = [ln.code.split(" = nl_flows.chunk(")[1].split(",")[0] for ln in slices]
+    xs_chunk = [ln.code.split(" = ")[0] for ln in slices]
+    unpack_states = ", ".join(states) + ("," if len(states) == 1 else "")
+    body.append(Line(f"({unpack_states}), ({', '.join(moms)}{',' if len(moms) == 1 else ''}) = state"
+                     if moms else f"({unpack_states}), _ = state"))
+    body.append(Line(f"{', '.join(xs_chunk)}{',' if len(xs_chunk) == 1 else ''} = xs  # this chunk's tokens"))
+    if chunk_lines:
+        body.append(Line("# flows that read the chunk-start states (paper eq 90)"))
+    body += chunk_lines + upd
+    body.append(Line(f"return (({unpack_states}), ({', '.join(moms)}{',' if len(moms) == 1 else ''})), y"))
+    cls.methods.append(("chunk", "state, xs", [
+        f"One chunk of at most {C} tokens: read at the chunk-start states, then update every state.",
+        "", "state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the",
+        "whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).",
+    ], body))
 
-    body.append(Line(f"self.state_sq.copy_(nl_flows.sq_norm({', '.join(states)}))"))
-    body.append(Line("if self.persist:"))
-    body.append(Line(f"self.carry = nl_flows.detach_carry({', '.join(states + moms)})", 1))
-    out = em.locals("out")
-    body.append(Line(f"{out} = torch.cat(ys, dim=2)  # [B, {H}, T, w]"))
+    # ---- start(): the state a sequence starts from ---------------------------------------------
+    if nested_parent is None:
+        start = []
+        for st in lv.states:
+            spec = em.memory_spec(st)
+            if lv.init.mode == "zeros":
+                start.append(f"nl_flows.zeros_state({spec}, B, {H}, like)")
+            else:
+                start.append(f"nl_flows.expand_state(self.{em.state_attr[st.name]}(), B)")
+        mom0 = "tuple(nl_flows.zeros_like_state(s) for s in states)" if momentum else "()"
+        sbody = [Line(f"states = ({', '.join(start)}{',' if len(start) == 1 else ''})"),
+                 Line(f"return states, {mom0}")]
+        cls.methods.append(("start", "B, like", [f"The in-context state at the start of a sequence ({lv.init})."],
+                            sbody))
+
+    # ---- forward(): whole-sequence flows, then the chunks ----------------------------------------
+    fwd = cls.body
+    fwd.append(Line("B, T, _ = x.shape"))
+    fwd.append(Line("xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads"))
+    if seq_bindings:
+        fwd.append(Line("# flows that read no in-context state: computed once for the whole sequence"))
+    for b in seq_bindings:
+        for j, code in enumerate(em.emit_assign(em.var[b.name], b.flow, "seq", b.name)):
+            fwd.append(Line(code, 0, "" if j else _line_comment(program, b.span)))
+    if nested_parent is not None:
+        N = lv.reset.every
+        fwd.append(Line("if start_states is None:"))
+        msg = (f"level `{lv.name}` is nested in `{nested_parent.name}`: call it with the chunk states of "
+               f"`{nested_parent.name}`")
+        fwd.append(Line(f"raise ValueError({msg!r})", 1))
+        mom0 = "(nl_flows.zeros_like_state(start_states[0]),)" if momentum else "()"
+        fwd.append(Line(f"start = lambda c0: ((nl_flows.expand_state(start_states[c0 // {N}], B),), "
+                        f"{mom0.replace('start_states[0]', f'start_states[c0 // {N}]')})",
+                        0, f"init from {nested_parent.name}, restarted when it updates"))
+        first = "start(0)"
+    else:
+        first = "self.start(B, x)"
+    fwd.append(Line(f"# in-context state at the start of the sequence ({lv.init})"))
+    fwd.append(Line("if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:"))
+    fwd.append(Line("state = self.carry  # kept from the previous call (reset never / test-time learning)", 1))
+    fwd.append(Line("else:"))
+    fwd.append(Line(f"state = {first}", 1))
+    kw = []
+    if lv.reset.mode == "every":
+        restart = "start" if nested_parent is not None else "lambda c0: self.start(B, x)"
+        kw.append(f"reset_every={lv.reset.every}, restart={restart}")
+    if lv.grad_writes.mode == "truncate":
+        kw.append(f"truncate={lv.grad_writes.chunks}")
+    kw.append("keep_states=keep_chunk_states")
+    xs = ", ".join(xs_seq) + ("," if len(xs_seq) == 1 else "")
+    fwd.append(Line(f"state, out, chunk_states = nl_chunks.run_chunks(self.chunk, state, ({xs}), T, {C}, "
+                    f"{', '.join(kw)})", 0, _line_comment(program, lv.period.span) if lv.period.span.start else ""))
+    fwd.append(Line("self.state_sq.copy_(nl_flows.sq_norm(*state[0]))"))
+    fwd.append(Line("if self.persist:"))
+    fwd.append(Line("self.carry = nl_chunks.detach(state)", 1))
     for op in reversed(post_ops):
-        body.append(Line(f"{out} = {em.emit(_with_arg(op, ir.Flow('input', name='reads')), 'seq', out)}"))
-    body.append(Line(f"{out} = nl_flows.merge_heads({out})  # [B, T, heads * w]"))
+        fwd.append(Line(f"out = {em.emit(_with_arg(op, ir.Flow('input', name='reads')), 'seq', 'out')}"))
+    fwd.append(Line(f"out = nl_flows.merge_heads(out)  # [B, T, {H} * w]"))
     if lv.output is not None:
-        code = em.emit(lv.output, "seq", out, out_ctx=True)
-        body.append(Line(f"{out} = {code}", 0, _line_comment(program, lv.clause_span("output"))))
-    body.append(Line(f"return ({out}, chunk_states) if keep_chunk_states else {out}"))
+        code = em.emit(lv.output, "seq", "out", out_ctx=True)
+        fwd.append(Line(f"out = {code}", 0, _line_comment(program, lv.clause_span("output"))))
+    fwd.append(Line("if keep_chunk_states:"))
+    fwd.append(Line("return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state", 1))
+    fwd.append(Line("return out"))
     cls.class_consts.append(("flow_attrs", repr(em.flow_attrs)))
     cls.class_consts.append(("state_attrs", repr(em.state_attr)))
     cls.attrs.insert(0, Attr("persist", repr(lv.reset.mode == "never"),

@@ -27,7 +27,7 @@ __all__ = ["Namespace", "Line", "Attr", "ClassPlan", "OptimizerPlan", "ModelPlan
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAKEN = set(keyword.kwlist) | set(dir(builtins)) | {
-    "self", "torch", "nn", "F", "math", "nl_chunk", "nl_flows", "nl_mem", "nl_ops", "nl_optim",
+    "self", "torch", "nn", "F", "math", "nl_chunk", "nl_chunks", "nl_flows", "nl_mem", "nl_ops", "nl_optim",
     "dataclass", "field", "annotations",
 }
 
@@ -90,6 +90,7 @@ class ClassPlan:
     body: list[Line] = field(default_factory=list)
     class_consts: list[tuple[str, str]] = field(default_factory=list)  # name, value code
     is_level: bool = True
+    methods: list[tuple[str, str, list[str], list[Line]]] = field(default_factory=list)  # name, args, doc, body
 
 
 @dataclass

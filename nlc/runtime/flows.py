@@ -22,7 +22,7 @@ from . import memories
 __all__ = [
     "HeadLinear", "HeadConv", "MemoryInit", "StaticMemory", "heads", "merge_heads", "chunk",
     "l2norm", "gate", "sq_norm", "all_finite", "zeros_state", "expand_state", "detach_state",
-    "detach_carry",
+    "detach_carry", "zeros_like_state", "batch_of",
 ]
 
 
@@ -84,6 +84,16 @@ class MemoryInit(nn.Module):
 def zeros_state(spec: memories.MemorySpec, B: int, heads: int, like: Tensor) -> list[Tensor]:
     """``init zeros``: every weight ``[B, H, out, in]`` zero."""
     return [like.new_zeros(B, heads, o, i) for o, i in spec.weight_shapes()]
+
+
+def zeros_like_state(weights: Sequence[Tensor]) -> list[Tensor]:
+    """A zero momentum for a state (``[B, H, out, in]`` each)."""
+    return [torch.zeros_like(w) for w in weights]
+
+
+def batch_of(state) -> int:
+    """The batch size B of a carried state ((weights...), (momenta...))."""
+    return state[0][0][0].shape[0]
 
 
 def expand_state(weights: Sequence[Tensor], B: int) -> list[Tensor]:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import chunks as nl_chunks
 from nlc.runtime import flows as nl_flows
 from nlc.runtime import memories as nl_mem
 from nlc.runtime import ops as nl_ops
@@ -114,42 +115,57 @@ class OuterLevel(nn.Module):
         key = nl_flows.l2norm(xin)  # cms_nested.nl:28  let key = input | l2norm
         value = self.value_linear(xin)  # cms_nested.nl:29  let value = input | linear(d -> d)
         query = key  # cms_nested.nl:30  let query = key
-        # in-context states at the start of the sequence (learned)
-        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
-            outer, = self.carry  # persisted state (reset never / test-time learning)
+        # in-context state at the start of the sequence (learned)
+        if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
+            state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
-            outer = nl_flows.expand_state(self.outer0(), B)
-        ys = []
-        chunk_states = []
+            state = self.start(B, x)
         # cms_nested.nl:33  every 64 tokens
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 64)):
-            if keep_chunk_states:
-                chunk_states.append(outer)
-            key_c = nl_flows.chunk(key, c0, c1)
-            value_c = nl_flows.chunk(value, c0, c1)
-            query_c = nl_flows.chunk(query, c0, c1)
-            # cms_nested.nl:32  rule gd(lr = 0.01)
-            # update every state with rule gd: closed-form gradients at the chunk-start state
-            y, outer, _ = nl_chunk.chunk_step(
-                OUTER_MEMORY,
-                'l2',
-                OUTER_RULE,
-                outer,
-                None,
-                nl_flows.heads(key_c, 1),
-                nl_flows.heads(value_c, 1),
-                nl_flows.heads(query_c, 1),
-                0.01,
-                None,
-                None,
-            )
-            ys.append(y)
-        self.state_sq.copy_(nl_flows.sq_norm(outer))
+        state, out, chunk_states = nl_chunks.run_chunks(
+            self.chunk,
+            state,
+            (key, value, query),
+            T,
+            64,
+            keep_states=keep_chunk_states,
+        )
+        self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
-            self.carry = nl_flows.detach_carry(outer)
-        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
-        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
-        return (out, chunk_states) if keep_chunk_states else out
+            self.carry = nl_chunks.detach(state)
+        out = nl_flows.merge_heads(out)  # [B, T, 1 * w]
+        if keep_chunk_states:
+            return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
+        return out
+
+    def chunk(self, state, xs):
+        """One chunk of at most 64 tokens: read at the chunk-start states, then update every state.
+
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
+        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        """
+        (outer,), _ = state
+        key_c, value_c, query_c = xs  # this chunk's tokens
+        # cms_nested.nl:32  rule gd(lr = 0.01)
+        # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        y, outer, _ = nl_chunk.chunk_step(
+            OUTER_MEMORY,
+            'l2',
+            OUTER_RULE,
+            outer,
+            None,
+            nl_flows.heads(key_c, 1),
+            nl_flows.heads(value_c, 1),
+            nl_flows.heads(query_c, 1),
+            0.01,
+            None,
+            None,
+        )
+        return ((outer,), ()), y
+
+    def start(self, B, like):
+        """The in-context state at the start of a sequence (learned)."""
+        states = (nl_flows.expand_state(self.outer0(), B),)
+        return states, ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,48 +201,60 @@ class InnerLevel(nn.Module):
         key = nl_flows.l2norm(xin)  # cms_nested.nl:37  let key = input | l2norm
         value = self.value_linear(xin)  # cms_nested.nl:38  let value = input | linear(d -> d)
         query = key  # cms_nested.nl:39  let query = key
-        # in-context states at the start of the sequence (from outer)
         if start_states is None:
             raise ValueError(
                 'level `inner` is nested in `outer`: call it with the chunk states of `outer`',
             )
-        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
-            inner, = self.carry  # persisted state (reset never / test-time learning)
+        # init from outer, restarted when it updates
+        start = lambda c0: ((nl_flows.expand_state(start_states[c0 // 64], B),), ())
+        # in-context state at the start of the sequence (from outer)
+        if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
+            state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
-            inner = nl_flows.expand_state(start_states[0], B)  # init from outer
-        ys = []
-        chunk_states = []
+            state = start(0)
         # cms_nested.nl:42  every 16 tokens
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):
-            if c0 > 0 and c0 % 64 == 0:  # cms_nested.nl:44  reset every 64 tokens
-                inner = nl_flows.expand_state(start_states[c0 // 64], B)
-            if keep_chunk_states:
-                chunk_states.append(inner)
-            key_c = nl_flows.chunk(key, c0, c1)
-            value_c = nl_flows.chunk(value, c0, c1)
-            query_c = nl_flows.chunk(query, c0, c1)
-            # cms_nested.nl:41  rule gd(lr = 0.01)
-            # update every state with rule gd: closed-form gradients at the chunk-start state
-            y, inner, _ = nl_chunk.chunk_step(
-                INNER_MEMORY,
-                'l2',
-                INNER_RULE,
-                inner,
-                None,
-                nl_flows.heads(key_c, 1),
-                nl_flows.heads(value_c, 1),
-                nl_flows.heads(query_c, 1),
-                0.01,
-                None,
-                None,
-            )
-            ys.append(y)
-        self.state_sq.copy_(nl_flows.sq_norm(inner))
+        state, out, chunk_states = nl_chunks.run_chunks(
+            self.chunk,
+            state,
+            (key, value, query),
+            T,
+            16,
+            reset_every=64,
+            restart=start,
+            keep_states=keep_chunk_states,
+        )
+        self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
-            self.carry = nl_flows.detach_carry(inner)
-        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
-        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
-        return (out, chunk_states) if keep_chunk_states else out
+            self.carry = nl_chunks.detach(state)
+        out = nl_flows.merge_heads(out)  # [B, T, 1 * w]
+        if keep_chunk_states:
+            return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
+        return out
+
+    def chunk(self, state, xs):
+        """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
+
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
+        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        """
+        (inner,), _ = state
+        key_c, value_c, query_c = xs  # this chunk's tokens
+        # cms_nested.nl:41  rule gd(lr = 0.01)
+        # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        y, inner, _ = nl_chunk.chunk_step(
+            INNER_MEMORY,
+            'l2',
+            INNER_RULE,
+            inner,
+            None,
+            nl_flows.heads(key_c, 1),
+            nl_flows.heads(value_c, 1),
+            nl_flows.heads(query_c, 1),
+            0.01,
+            None,
+            None,
+        )
+        return ((inner,), ()), y
 
 
 # ---------------------------------------------------------------------------------------------

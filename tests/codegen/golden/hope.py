@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import chunks as nl_chunks
 from nlc.runtime import flows as nl_flows
 from nlc.runtime import memories as nl_mem
 from nlc.runtime import ops as nl_ops
@@ -155,118 +156,136 @@ class TitansLevel(nn.Module):
         x_2 = self.x_conv(self.x_linear(xin))
         # hope.nl:36  let query = x | linear(dh -> dh) | l2norm
         query = nl_flows.l2norm(self.query_linear(x_2))
-        # in-context states at the start of the sequence (learned)
-        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
-            # persisted state (reset never / test-time learning)
-            mem, mk, mv, meta, malpha = self.carry
+        # in-context state at the start of the sequence (learned)
+        if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
+            state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
-            mem = nl_flows.expand_state(self.mem0(), B)
-            mk = nl_flows.expand_state(self.mk0(), B)
-            mv = nl_flows.expand_state(self.mv0(), B)
-            meta = nl_flows.expand_state(self.meta0(), B)
-            malpha = nl_flows.expand_state(self.malpha0(), B)
-        ys = []
-        chunk_states = []
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:44  every 16 tokens
-            if keep_chunk_states:
-                chunk_states.append(mem)
-            x_c = nl_flows.chunk(x_2, c0, c1)
-            query_c = nl_flows.chunk(query, c0, c1)
-            # flows that read the chunk-start states (paper eq 90)
-            # hope.nl:34  let key = mk(x) | l2norm
-            key_c = nl_flows.l2norm(nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(x_c, 4)))
-            # hope.nl:35  let value = mv(x)
-            value_c = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(x_c, 4))
-            # hope.nl:37  let lr = meta(x) | mean | softplus | scale(0.01)
-            lr_c = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(x_c, 4))
-            lr_c = lr_c.mean(-1, keepdim=True)
-            lr_c = F.softplus(lr_c)
-            lr_c = lr_c * 0.01
-            # hope.nl:38  let retain = malpha(x) | mean | sigmoid
-            retain_c = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(x_c, 4))
-            retain_c = retain_c.mean(-1, keepdim=True)
-            retain_c = torch.sigmoid(retain_c)
-            # target self: each memory is trained towards its own view of the values (eq 84-85)
-            mem_target = nl_mem.forward(TITANS_MEM_MEMORY, mem, nl_flows.heads(value_c, 4))
-            mk_target = nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(value_c, 4))
-            mv_target = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(value_c, 4))
-            meta_target = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(value_c, 4))
-            malpha_target = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(value_c, 4))
-            # hope.nl:43  rule dgd(lr = lr, decay = retain)
-            # update every state with rule dgd: closed-form gradients at the chunk-start state
-            y, mem, _ = nl_chunk.chunk_step(
-                TITANS_MEM_MEMORY,
-                'l2',
-                TITANS_RULE,
-                mem,
-                None,
-                nl_flows.heads(key_c, 4),
-                mem_target,
-                nl_flows.heads(query_c, 4),
-                nl_flows.gate(lr_c, 4),
-                nl_flows.gate(retain_c, 4),
-                None,
-            )
-            _, mk, _ = nl_chunk.chunk_step(
-                TITANS_MK_MEMORY,
-                'l2',
-                TITANS_RULE,
-                mk,
-                None,
-                nl_flows.heads(key_c, 4),
-                mk_target,
-                None,
-                nl_flows.gate(lr_c, 4),
-                nl_flows.gate(retain_c, 4),
-                None,
-            )
-            _, mv, _ = nl_chunk.chunk_step(
-                TITANS_MV_MEMORY,
-                'l2',
-                TITANS_RULE,
-                mv,
-                None,
-                nl_flows.heads(key_c, 4),
-                mv_target,
-                None,
-                nl_flows.gate(lr_c, 4),
-                nl_flows.gate(retain_c, 4),
-                None,
-            )
-            _, meta, _ = nl_chunk.chunk_step(
-                TITANS_META_MEMORY,
-                'l2',
-                TITANS_RULE,
-                meta,
-                None,
-                nl_flows.heads(key_c, 4),
-                meta_target,
-                None,
-                nl_flows.gate(lr_c, 4),
-                nl_flows.gate(retain_c, 4),
-                None,
-            )
-            _, malpha, _ = nl_chunk.chunk_step(
-                TITANS_MALPHA_MEMORY,
-                'l2',
-                TITANS_RULE,
-                malpha,
-                None,
-                nl_flows.heads(key_c, 4),
-                malpha_target,
-                None,
-                nl_flows.gate(lr_c, 4),
-                nl_flows.gate(retain_c, 4),
-                None,
-            )
-            ys.append(y)
-        self.state_sq.copy_(nl_flows.sq_norm(mem, mk, mv, meta, malpha))
+            state = self.start(B, x)
+        # hope.nl:44  every 16 tokens
+        state, out, chunk_states = nl_chunks.run_chunks(
+            self.chunk,
+            state,
+            (x_2, query),
+            T,
+            16,
+            keep_states=keep_chunk_states,
+        )
+        self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
-            self.carry = nl_flows.detach_carry(mem, mk, mv, meta, malpha)
-        out = torch.cat(ys, dim=2)  # [B, 4, T, w]
-        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+            self.carry = nl_chunks.detach(state)
+        out = nl_flows.merge_heads(out)  # [B, T, 4 * w]
         out = self.out_linear(out)  # hope.nl:40  output linear(heads * dh -> d)
-        return (out, chunk_states) if keep_chunk_states else out
+        if keep_chunk_states:
+            return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
+        return out
+
+    def chunk(self, state, xs):
+        """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
+
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
+        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        """
+        (mem, mk, mv, meta, malpha), _ = state
+        x_c, query_c = xs  # this chunk's tokens
+        # flows that read the chunk-start states (paper eq 90)
+        # hope.nl:34  let key = mk(x) | l2norm
+        key_c = nl_flows.l2norm(nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(x_c, 4)))
+        # hope.nl:35  let value = mv(x)
+        value_c = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(x_c, 4))
+        # hope.nl:37  let lr = meta(x) | mean | softplus | scale(0.01)
+        lr_c = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(x_c, 4))
+        lr_c = lr_c.mean(-1, keepdim=True)
+        lr_c = F.softplus(lr_c)
+        lr_c = lr_c * 0.01
+        # hope.nl:38  let retain = malpha(x) | mean | sigmoid
+        retain_c = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(x_c, 4))
+        retain_c = retain_c.mean(-1, keepdim=True)
+        retain_c = torch.sigmoid(retain_c)
+        # target self: each memory is trained towards its own view of the values (eq 84-85)
+        mem_target = nl_mem.forward(TITANS_MEM_MEMORY, mem, nl_flows.heads(value_c, 4))
+        mk_target = nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(value_c, 4))
+        mv_target = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(value_c, 4))
+        meta_target = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(value_c, 4))
+        malpha_target = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(value_c, 4))
+        # hope.nl:43  rule dgd(lr = lr, decay = retain)
+        # rule dgd: closed-form inner gradients at the chunk-start state, exact chunk form
+        y, mem, _ = nl_chunk.chunk_step(
+            TITANS_MEM_MEMORY,
+            'l2',
+            TITANS_RULE,
+            mem,
+            None,
+            nl_flows.heads(key_c, 4),
+            mem_target,
+            nl_flows.heads(query_c, 4),
+            nl_flows.gate(lr_c, 4),
+            nl_flows.gate(retain_c, 4),
+            None,
+        )
+        _, mk, _ = nl_chunk.chunk_step(
+            TITANS_MK_MEMORY,
+            'l2',
+            TITANS_RULE,
+            mk,
+            None,
+            nl_flows.heads(key_c, 4),
+            mk_target,
+            None,
+            nl_flows.gate(lr_c, 4),
+            nl_flows.gate(retain_c, 4),
+            None,
+        )
+        _, mv, _ = nl_chunk.chunk_step(
+            TITANS_MV_MEMORY,
+            'l2',
+            TITANS_RULE,
+            mv,
+            None,
+            nl_flows.heads(key_c, 4),
+            mv_target,
+            None,
+            nl_flows.gate(lr_c, 4),
+            nl_flows.gate(retain_c, 4),
+            None,
+        )
+        _, meta, _ = nl_chunk.chunk_step(
+            TITANS_META_MEMORY,
+            'l2',
+            TITANS_RULE,
+            meta,
+            None,
+            nl_flows.heads(key_c, 4),
+            meta_target,
+            None,
+            nl_flows.gate(lr_c, 4),
+            nl_flows.gate(retain_c, 4),
+            None,
+        )
+        _, malpha, _ = nl_chunk.chunk_step(
+            TITANS_MALPHA_MEMORY,
+            'l2',
+            TITANS_RULE,
+            malpha,
+            None,
+            nl_flows.heads(key_c, 4),
+            malpha_target,
+            None,
+            nl_flows.gate(lr_c, 4),
+            nl_flows.gate(retain_c, 4),
+            None,
+        )
+        return ((mem, mk, mv, meta, malpha), ()), y
+
+    def start(self, B, like):
+        """The in-context state at the start of a sequence (learned)."""
+        states = (
+            nl_flows.expand_state(self.mem0(), B),
+            nl_flows.expand_state(self.mk0(), B),
+            nl_flows.expand_state(self.mv0(), B),
+            nl_flows.expand_state(self.meta0(), B),
+            nl_flows.expand_state(self.malpha0(), B),
+        )
+        return states, ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,41 +323,57 @@ class FastLevel(nn.Module):
         key = nl_flows.l2norm(xin)  # hope.nl:49  let key = input | l2norm
         value = self.value_linear(xin)  # hope.nl:50  let value = input | linear(d -> d)
         query = key  # hope.nl:51  let query = key
-        # in-context states at the start of the sequence (learned)
-        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
-            fast, = self.carry  # persisted state (reset never / test-time learning)
+        # in-context state at the start of the sequence (learned)
+        if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
+            state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
-            fast = nl_flows.expand_state(self.fast0(), B)
-        ys = []
-        chunk_states = []
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):  # hope.nl:54  every 16 tokens
-            if keep_chunk_states:
-                chunk_states.append(fast)
-            key_c = nl_flows.chunk(key, c0, c1)
-            value_c = nl_flows.chunk(value, c0, c1)
-            query_c = nl_flows.chunk(query, c0, c1)
-            # hope.nl:53  rule gd(lr = 0.01)
-            # update every state with rule gd: closed-form gradients at the chunk-start state
-            y, fast, _ = nl_chunk.chunk_step(
-                FAST_MEMORY,
-                'l2',
-                FAST_RULE,
-                fast,
-                None,
-                nl_flows.heads(key_c, 1),
-                nl_flows.heads(value_c, 1),
-                nl_flows.heads(query_c, 1),
-                0.01,
-                None,
-                None,
-            )
-            ys.append(y)
-        self.state_sq.copy_(nl_flows.sq_norm(fast))
+            state = self.start(B, x)
+        # hope.nl:54  every 16 tokens
+        state, out, chunk_states = nl_chunks.run_chunks(
+            self.chunk,
+            state,
+            (key, value, query),
+            T,
+            16,
+            keep_states=keep_chunk_states,
+        )
+        self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
-            self.carry = nl_flows.detach_carry(fast)
-        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
-        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
-        return (out, chunk_states) if keep_chunk_states else out
+            self.carry = nl_chunks.detach(state)
+        out = nl_flows.merge_heads(out)  # [B, T, 1 * w]
+        if keep_chunk_states:
+            return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
+        return out
+
+    def chunk(self, state, xs):
+        """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
+
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
+        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        """
+        (fast,), _ = state
+        key_c, value_c, query_c = xs  # this chunk's tokens
+        # hope.nl:53  rule gd(lr = 0.01)
+        # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        y, fast, _ = nl_chunk.chunk_step(
+            FAST_MEMORY,
+            'l2',
+            FAST_RULE,
+            fast,
+            None,
+            nl_flows.heads(key_c, 1),
+            nl_flows.heads(value_c, 1),
+            nl_flows.heads(query_c, 1),
+            0.01,
+            None,
+            None,
+        )
+        return ((fast,), ()), y
+
+    def start(self, B, like):
+        """The in-context state at the start of a sequence (learned)."""
+        states = (nl_flows.expand_state(self.fast0(), B),)
+        return states, ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,41 +411,57 @@ class MidLevel(nn.Module):
         key = nl_flows.l2norm(xin)  # hope.nl:58  let key = input | l2norm
         value = self.value_linear(xin)  # hope.nl:59  let value = input | linear(d -> d)
         query = key  # hope.nl:60  let query = key
-        # in-context states at the start of the sequence (learned)
-        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
-            mid, = self.carry  # persisted state (reset never / test-time learning)
+        # in-context state at the start of the sequence (learned)
+        if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
+            state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
-            mid = nl_flows.expand_state(self.mid0(), B)
-        ys = []
-        chunk_states = []
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 64)):  # hope.nl:63  every 64 tokens
-            if keep_chunk_states:
-                chunk_states.append(mid)
-            key_c = nl_flows.chunk(key, c0, c1)
-            value_c = nl_flows.chunk(value, c0, c1)
-            query_c = nl_flows.chunk(query, c0, c1)
-            # hope.nl:62  rule gd(lr = 0.01)
-            # update every state with rule gd: closed-form gradients at the chunk-start state
-            y, mid, _ = nl_chunk.chunk_step(
-                MID_MEMORY,
-                'l2',
-                MID_RULE,
-                mid,
-                None,
-                nl_flows.heads(key_c, 1),
-                nl_flows.heads(value_c, 1),
-                nl_flows.heads(query_c, 1),
-                0.01,
-                None,
-                None,
-            )
-            ys.append(y)
-        self.state_sq.copy_(nl_flows.sq_norm(mid))
+            state = self.start(B, x)
+        # hope.nl:63  every 64 tokens
+        state, out, chunk_states = nl_chunks.run_chunks(
+            self.chunk,
+            state,
+            (key, value, query),
+            T,
+            64,
+            keep_states=keep_chunk_states,
+        )
+        self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
-            self.carry = nl_flows.detach_carry(mid)
-        out = torch.cat(ys, dim=2)  # [B, 1, T, w]
-        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
-        return (out, chunk_states) if keep_chunk_states else out
+            self.carry = nl_chunks.detach(state)
+        out = nl_flows.merge_heads(out)  # [B, T, 1 * w]
+        if keep_chunk_states:
+            return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
+        return out
+
+    def chunk(self, state, xs):
+        """One chunk of at most 64 tokens: read at the chunk-start states, then update every state.
+
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
+        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        """
+        (mid,), _ = state
+        key_c, value_c, query_c = xs  # this chunk's tokens
+        # hope.nl:62  rule gd(lr = 0.01)
+        # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        y, mid, _ = nl_chunk.chunk_step(
+            MID_MEMORY,
+            'l2',
+            MID_RULE,
+            mid,
+            None,
+            nl_flows.heads(key_c, 1),
+            nl_flows.heads(value_c, 1),
+            nl_flows.heads(query_c, 1),
+            0.01,
+            None,
+            None,
+        )
+        return ((mid,), ()), y
+
+    def start(self, B, like):
+        """The in-context state at the start of a sequence (learned)."""
+        states = (nl_flows.expand_state(self.mid0(), B),)
+        return states, ()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import chunks as nl_chunks
 from nlc.runtime import flows as nl_flows
 from nlc.runtime import memories as nl_mem
 from nlc.runtime import ops as nl_ops
@@ -123,47 +124,58 @@ class MemoryLevel(nn.Module):
         eta = torch.sigmoid(self.eta_linear(xin))
         # titans_lmm.nl:32  let retain = input | linear(d -> 1) | sigmoid
         retain = torch.sigmoid(self.retain_linear(xin))
-        # in-context states at the start of the sequence (learned)
-        if self.persist and self.carry is not None and self.carry[0][0].shape[0] == B:
-            memory, memory_s = self.carry  # persisted state (reset never / test-time learning)
+        # in-context state at the start of the sequence (learned)
+        if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
+            state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
-            memory = nl_flows.expand_state(self.memory0(), B)
-            memory_s = None  # momentum starts at zero
-        ys = []
-        chunk_states = []
+            state = self.start(B, x)
         # titans_lmm.nl:36  every 16 tokens
-        for i, (c0, c1) in enumerate(nl_ops.chunk_schedule(T, 16)):
-            if keep_chunk_states:
-                chunk_states.append(memory)
-            key_c = nl_flows.chunk(key, c0, c1)
-            value_c = nl_flows.chunk(value, c0, c1)
-            query_c = nl_flows.chunk(query, c0, c1)
-            theta_c = nl_flows.chunk(theta, c0, c1)
-            retain_c = nl_flows.chunk(retain, c0, c1)
-            eta_c = nl_flows.chunk(eta, c0, c1)
-            # titans_lmm.nl:35  rule momentum(lr = theta, momentum = eta, decay = retain)
-            # update every state with rule momentum: closed-form gradients at the chunk-start state
-            y, memory, memory_s = nl_chunk.chunk_step(
-                MEMORY_MEMORY,
-                'l2',
-                MEMORY_RULE,
-                memory,
-                memory_s,
-                nl_flows.heads(key_c, 4),
-                nl_flows.heads(value_c, 4),
-                nl_flows.heads(query_c, 4),
-                nl_flows.gate(theta_c, 4),
-                nl_flows.gate(retain_c, 4),
-                nl_flows.gate(eta_c, 4),
-            )
-            ys.append(y)
-        self.state_sq.copy_(nl_flows.sq_norm(memory))
+        state, out, chunk_states = nl_chunks.run_chunks(
+            self.chunk,
+            state,
+            (key, value, query, theta, retain, eta),
+            T,
+            16,
+            keep_states=keep_chunk_states,
+        )
+        self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
-            self.carry = nl_flows.detach_carry(memory, memory_s)
-        out = torch.cat(ys, dim=2)  # [B, 4, T, w]
-        out = nl_flows.merge_heads(out)  # [B, T, heads * w]
+            self.carry = nl_chunks.detach(state)
+        out = nl_flows.merge_heads(out)  # [B, T, 4 * w]
         out = self.out_linear(out)  # titans_lmm.nl:33  output linear(heads * dh -> d)
-        return (out, chunk_states) if keep_chunk_states else out
+        if keep_chunk_states:
+            return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
+        return out
+
+    def chunk(self, state, xs):
+        """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
+
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
+        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        """
+        (memory,), (memory_s,) = state
+        key_c, value_c, query_c, theta_c, retain_c, eta_c = xs  # this chunk's tokens
+        # titans_lmm.nl:35  rule momentum(lr = theta, momentum = eta, decay = retain)
+        # rule momentum: closed-form inner gradients at the chunk-start state, exact chunk form
+        y, memory, memory_s = nl_chunk.chunk_step(
+            MEMORY_MEMORY,
+            'l2',
+            MEMORY_RULE,
+            memory,
+            memory_s,
+            nl_flows.heads(key_c, 4),
+            nl_flows.heads(value_c, 4),
+            nl_flows.heads(query_c, 4),
+            nl_flows.gate(theta_c, 4),
+            nl_flows.gate(retain_c, 4),
+            nl_flows.gate(eta_c, 4),
+        )
+        return ((memory,), (memory_s,)), y
+
+    def start(self, B, like):
+        """The in-context state at the start of a sequence (learned)."""
+        states = (nl_flows.expand_state(self.memory0(), B),)
+        return states, tuple(nl_flows.zeros_like_state(s) for s in states)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import chunks as nl_chunks
 from nlc.runtime import flows as nl_flows
 from nlc.runtime import memories as nl_mem
 from nlc.runtime import ops as nl_ops

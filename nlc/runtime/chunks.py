@@ -1,0 +1,117 @@
+"""Running a level's chunk step over a sequence: the chunk schedule, resets, truncation.
+
+A generated in-context level defines ``chunk(state, xs) -> (state, y)``: one chunk of C tokens
+read at the chunk-start state and then updated (paper eq 90). :func:`run_chunks` applies it to
+the chunks of a sequence of T tokens, in order, with
+
+* the last partial chunk (``T mod C`` tokens) applied at the end of the sequence;
+* resets every ``reset_every`` tokens (a multiple of C): the state restarts from ``restart(c0)``;
+* ``truncate``: the state is cut from the autograd graph every ``truncate`` chunks
+  (``grad through writes truncate N chunks``);
+* ``keep_states``: the state at the start of every chunk is returned too (a nested CMS level
+  restarts its child from these).
+
+Eagerly it is a Python loop. Under ``torch.compile`` the runs of full chunks go through the
+``scan`` higher-order operator, so the traced graph holds the chunk step once rather than once
+per chunk: compile time does not grow with ``T / C``. Both paths compute the same values and
+gradients (tested).
+
+The final state is for carrying (detached) and for the state norm: generated code never
+back-propagates through it, and torch's ``scan`` backward rejects some gradients into final
+carries, so do not.
+
+Shapes: every tensor of ``xs`` has the token axis at dim -2 (``[B, H', T, w]``); ``y`` comes
+back ``[B, H, T, w]``. ``state`` is any pytree of tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+__all__ = ["run_chunks", "detach", "boundaries"]
+
+Step = Callable[[Any, tuple], tuple[Any, Tensor]]
+
+
+def detach(state):
+    """The same state cut from the autograd graph."""
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
+
+
+def boundaries(T: int, C: int, reset_every: int | None, truncate: int | None) -> list[tuple[int, int, bool, bool]]:
+    """Segments ``(start, stop, reset_at_start, detach_at_start)`` of the token range ``[0, T)``.
+
+    A segment is a run of chunks with no reset or truncation inside; only the last segment may
+    end with a partial chunk. Static: depends on ints only.
+    """
+    starts = list(range(0, T, C))
+    cuts = []
+    for i, c0 in enumerate(starts):
+        if c0 == 0:
+            continue
+        r = bool(reset_every) and c0 % reset_every == 0
+        d = bool(truncate) and i % truncate == 0
+        if r or d:
+            cuts.append((c0, r, d))
+    segs = []
+    prev, prev_r, prev_d = 0, False, False
+    for c0, r, d in cuts:
+        segs.append((prev, c0, prev_r, prev_d))
+        prev, prev_r, prev_d = c0, r, d
+    segs.append((prev, T, prev_r, prev_d))
+    return segs
+
+
+def _slice(xs, a: int, b: int):
+    return tuple(x[..., a:b, :] for x in xs)
+
+
+def _use_scan() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int | None = None,
+               restart: Callable[[int], Any] | None = None, truncate: int | None = None,
+               keep_states: bool = False):
+    """Apply ``step`` to every chunk; returns ``(final state, y [.., T, w], chunk_states)``.
+
+    ``chunk_states`` is the list of chunk-start states when ``keep_states``, else ``[]``.
+    """
+    ys: list[Tensor] = []
+    kept: list = []
+    for s0, s1, reset, cut in boundaries(T, C, reset_every, truncate):
+        if cut:
+            state = detach(state)
+        if reset:  # after the cut: a fresh initial state keeps its gradient path to the init
+            state = restart(s0)
+        n_full = (s1 - s0) // C
+        full_end = s0 + n_full * C
+        if n_full >= 2 and _use_scan() and not keep_states:
+            state, y = _scan(step, state, _slice(xs, s0, full_end), n_full, C)
+            ys.append(y)
+        else:
+            for c0 in range(s0, full_end, C):
+                if keep_states:
+                    kept.append(state)
+                state, y = step(state, _slice(xs, c0, c0 + C))
+                ys.append(y)
+        if full_end < s1:  # the last partial chunk, applied at the end of the sequence
+            if keep_states:
+                kept.append(state)
+            state, y = step(state, _slice(xs, full_end, s1))
+            ys.append(y)
+    return state, torch.cat(ys, dim=-2) if len(ys) > 1 else ys[0], kept
+
+
+def _scan(step: Step, state, xs: tuple, n: int, C: int):
+    from torch._higher_order_ops.scan import scan
+
+    stacked = tuple(x.unflatten(-2, (n, C)).movedim(-3, 0) for x in xs)  # [n, ..., C, w]
+    # a fresh contiguous carry: scan may not alias its inputs
+    state = pytree.tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), state)
+    state, y = scan(lambda s, x: step(s, x), state, stacked)
+    return state, y.movedim(0, -3).flatten(-3, -2)
