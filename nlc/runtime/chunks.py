@@ -110,8 +110,24 @@ def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int
 def _scan(step: Step, state, xs: tuple, n: int, C: int):
     from torch._higher_order_ops.scan import scan
 
-    stacked = tuple(x.unflatten(-2, (n, C)).movedim(-3, 0) for x in xs)  # [n, ..., C, w]
+    stacked = tuple(x.unflatten(-2, (n, C)).movedim(-3, 0) for x in xs)  # [n, ..., C, w] (views)
     # a fresh contiguous carry: scan may not alias its inputs
     state = pytree.tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), state)
     state, y = scan(lambda s, x: step(s, x), state, stacked)
-    return state, y.movedim(0, -3).flatten(-3, -2)
+    return state, _ContiguousGrad.apply(y).movedim(0, -3).flatten(-3, -2)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    The gradient that reaches the scan's stacked outputs is usually permuted (the outputs are
+    moved, flattened and merged across heads afterwards); the scan's backward re-traces the chunk
+    step with that layout and fails on views of it, so it gets the plain layout."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()

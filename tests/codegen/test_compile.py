@@ -55,3 +55,23 @@ def test_compiles_fullgraph_without_recompiling(path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_compiles_with_inductor(path):
     _compile_twice(path, "inductor")
+
+
+def test_inductor_compiles_a_per_head_memory_level():
+    """Inductor (not only aot_eager) lowers the scan over chunks, forward and backward, for a level
+    whose flows come out of per-head projections in a permuted layout (a regression once)."""
+    text = shrink((EXAMPLES[0].parent / "titans_lmm.nl").read_text(), d=64, heads=2)
+    Model = nlc.load(text)
+    module = __import__("sys").modules[Model.__module__]
+    torch.manual_seed(0)
+    level = module.MemoryLevel()
+    x = torch.randn(2, 64, 64, requires_grad=True)
+    torch._dynamo.reset()
+    y = torch.compile(level, fullgraph=True)(x)
+    y.square().sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    ye = level(x)
+    ye.square().sum().backward()
+    torch.testing.assert_close(y, ye, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g, x.grad, rtol=1e-3, atol=1e-4)
