@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from .. import ir
@@ -11,6 +12,26 @@ from .plan import Attr, ClassPlan, Line, Namespace, camel, fail as _fail, line_c
 
 def _int(v) -> int:
     return int(v)
+
+
+def _mem_key(m: ir.MemoryType) -> tuple:
+    return (m.kind, m.din, m.dout, m.hidden, m.depth, m.act)
+
+
+def em_spec_code(m: ir.MemoryType) -> str:
+    """``nl_mem.MemorySpec(...)`` for a memory type."""
+    args = [repr(m.kind), f"din={_int(m.din)}", f"dout={_int(m.dout)}"]
+    if m.kind in ("mlp", "residual_mlp", "swiglu"):
+        args.append(f"hidden={_int(m.hidden)}")
+    if m.kind in ("mlp", "residual_mlp"):
+        args += [f"depth={m.depth}", f"act={m.act!r}"]
+    return f"nl_mem.MemorySpec({', '.join(args)})"
+
+
+def _plain(code: str) -> str:
+    """A short variable-name stem for an expression (its last identifier)."""
+    names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code)
+    return names[-1] if names else "v"
 
 
 def _primary(code: str) -> str:
@@ -94,6 +115,13 @@ class _LevelEmitter:
         self.state_attr: dict[str, str] = {}
         self.pending_slices: list[Line] = []
         self.flow_attrs: dict[int, str] = {}  # source offset of a learned stage -> attribute
+        # memories of one shape updated together (stacked along the batch axis)
+        self.batched = False
+        self.batch_var = ""
+        self.batch_spec = ""
+        self.batch_index: dict[str, int] = {}
+        self.batched_reads: dict[str, str] = {}
+        self.prelude: list[Line] = []
 
     # attributes and constants
     def attr(self, want: str, code: str, span=None) -> str:
@@ -112,14 +140,9 @@ class _LevelEmitter:
             if m.kind not in ("linear", "mlp", "residual_mlp", "swiglu"):
                 _fail(state.span, f"state `{state.name}` is a `{m.kind}` memory, which the code generator "
                       "cannot update in context")
-            args = [repr(m.kind), f"din={_int(m.din)}", f"dout={_int(m.dout)}"]
-            if m.kind in ("mlp", "residual_mlp", "swiglu"):
-                args.append(f"hidden={_int(m.hidden)}")
-            if m.kind in ("mlp", "residual_mlp"):
-                args += [f"depth={m.depth}", f"act={m.act!r}"]
             self.spec_const[state.name] = self.const(
                 f"{self.lv.name}_{state.name}_memory" if state.name != self.lv.name else f"{self.lv.name}_memory",
-                f"nl_mem.MemorySpec({', '.join(args)})", state.span)
+                em_spec_code(m), state.span)
         return self.spec_const[state.name]
 
     # flows
@@ -148,6 +171,15 @@ class _LevelEmitter:
                 _fail(flow.span, "a state read outside the chunk loop")
             st = self.lv.state(flow.name)
             arg = self.emit(flow.arg, ctx, owner)
+            if self.batched:  # every memory applied to this argument at once, then this memory's part
+                if arg not in self.batched_reads:
+                    var = self.locals(f"{_plain(arg)}_all")
+                    self.batched_reads[arg] = var
+                    self.prelude.append(Line(
+                        f"{var} = nl_mem.forward({self.batch_spec}, {self.batch_var}, "
+                        f"nl_flows.tile(nl_flows.heads({arg}, {self.H}), {len(self.lv.states)}))",
+                        0, f"all {len(self.lv.states)} memories at once"))
+                return f"nl_flows.part({self.batched_reads[arg]}, {self.batch_index[st.name]}, {len(self.lv.states)})"
             return f"nl_mem.forward({self.memory_spec(st)}, {self.state_var[st.name]}, nl_flows.heads({arg}, {self.H}))"
         if k == "call":
             callee = self.program.level(flow.name)
@@ -277,7 +309,14 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     cls.class_consts = [("period", str(C)), ("heads", str(H))]
     cls.signature = ("x, start_states=None" if nested_parent is not None else "x") + ", keep_chunk_states=False"
     momentum = lv.rule == "momentum" or (lv.rule == "dgd" and lv.rule_arg("momentum") is not None)
-    em.locals = Namespace({"self", "state", "xs", "states", "moms", "y"})
+    em.locals = Namespace({"self", "state", "xs", "states", "moms", "y", "target"})
+    # memories of one shape (self-modifying Titans: k, v, η, α and the memory) are stacked along
+    # the batch axis and updated by one chunk_step: one set of kernels instead of one per memory
+    S = len(lv.states)
+    batched = S > 1 and nested_parent is None and len({_mem_key(s.memory) for s in lv.states}) == 1
+    if batched:
+        spec_name = em.const(f"{lv.name}_memory", em_spec_code(lv.states[0].memory), lv.states[0].span)
+        em.spec_const = {s.name: spec_name for s in lv.states}
     for st in lv.states:
         spec = em.memory_spec(st)
         em.state_var[st.name] = em.locals(st.name)
@@ -287,8 +326,16 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
             em.state_attr[st.name] = em.attr(
                 f"{st.name}0", f"nl_flows.MemoryInit({spec}, heads={H})",
                 lv.clause_span("init") if "init" in dict(lv.clause_spans) else st.span)
-    states = [em.state_var[s.name] for s in lv.states]
-    moms = [em.mom_var[s.name] for s in lv.states] if momentum else []
+    if batched:
+        em.batched = True
+        em.batch_var = em.locals("w")
+        em.batch_spec = spec_name
+        em.batch_index = {s.name: i for i, s in enumerate(lv.states)}
+        states = [em.batch_var]
+        moms = [em.locals("w_s")] if momentum else []
+    else:
+        states = [em.state_var[s.name] for s in lv.states]
+        moms = [em.mom_var[s.name] for s in lv.states] if momentum else []
 
     # ---- chunk(): one chunk of C tokens ---------------------------------------------------------
     em.pending_slices = []
@@ -304,7 +351,10 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     chunk_lines: list[Line] = []
     for b in chunk_bindings:
         var = em.locals(f"{b.name}_c")
-        for j, code in enumerate(em.emit_assign(var, b.flow, "chunk", b.name)):
+        em.prelude = []
+        assigns = em.emit_assign(var, b.flow, "chunk", b.name)
+        chunk_lines += em.prelude
+        for j, code in enumerate(assigns):
             chunk_lines.append(Line(code, 0, "" if j else _line_comment(program, b.span)))
         em.cvar[b.name] = var
 
@@ -329,7 +379,26 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     beta = gate("momentum") if momentum else "None"
     upd: list[Line] = []
     targets = {}
-    if lv.target == "self":
+    huber = lv.objective_arg("delta")
+    obj_args = f", huber_delta={_num(huber.value)}" if huber is not None else ""
+    if batched:
+        em.prelude = []
+        w, ws = states[0], (moms[0] if moms else "None")
+        if lv.target == "self":
+            upd.append(Line("# target self: each memory is trained towards its own view of the values (eq 84-85)"))
+            upd.append(Line(f"target = nl_mem.forward({em.batch_spec}, {w}, nl_flows.tile(nl_flows.heads({value}, {H}), {S}))"))
+        else:
+            upd.append(Line(f"target = nl_flows.tile(nl_flows.heads({value}, {H}), {S})"))
+        read_kw = f", read={lv.read_mode!r}" if lv.read_mode != "chunk" else ""
+        upd.append(Line(f"# rule {lv.rule}: closed-form inner gradients at the chunk-start state, exact chunk form; "
+                        f"all {S} memories at once", 0, _line_comment(program, lv.clause_span("rule"))))
+        tiled = [f"nl_flows.tile({g}, {S})" if g != "None" else "None" for g in (eta, alpha, beta)]
+        upd.append(Line(
+            f"y, {w}, {ws if momentum else '_'} = nl_chunk.chunk_step({em.batch_spec}, {lv.objective!r}, {rule_c}, "
+            f"{w}, {ws}, nl_flows.tile(nl_flows.heads({key}, {H}), {S}), target, "
+            f"nl_flows.tile(nl_flows.heads({query}, {H}), {S}), {', '.join(tiled)}{read_kw}{obj_args})"))
+        upd.append(Line(f"y = nl_flows.part(y, {em.batch_index[read_state]}, {S})  # what `{read_state}` reads"))
+    elif lv.target == "self":
         upd.append(Line("# target self: each memory is trained towards its own view of the values (eq 84-85)"))
         for st in lv.states:
             t = em.locals(f"{st.name}_target")
@@ -339,11 +408,10 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     else:
         for st in lv.states:
             targets[st.name] = f"nl_flows.heads({value}, {H})"
-    upd.append(Line(f"# rule {lv.rule}: closed-form inner gradients at the chunk-start state, exact chunk form",
-                    0, _line_comment(program, lv.clause_span("rule"))))
-    huber = lv.objective_arg("delta")
-    obj_args = f", huber_delta={_num(huber.value)}" if huber is not None else ""
-    for st in lv.states:
+    if not batched:
+        upd.append(Line(f"# rule {lv.rule}: closed-form inner gradients at the chunk-start state, exact chunk form",
+                        0, _line_comment(program, lv.clause_span("rule"))))
+    for st in ([] if batched else lv.states):
         sv = em.state_var[st.name]
         mv = em.mom_var.get(st.name, "None")
         is_read = st.name == read_state
@@ -384,8 +452,13 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
             else:
                 start.append(f"nl_flows.expand_state(self.{em.state_attr[st.name]}(), B)")
         mom0 = "tuple(nl_flows.zeros_like_state(s) for s in states)" if momentum else "()"
-        sbody = [Line(f"states = ({', '.join(start)}{',' if len(start) == 1 else ''})"),
-                 Line(f"return states, {mom0}")]
+        if batched:
+            inits = ", ".join(f"self.{em.state_attr[st.name]}()" for st in lv.states)
+            sbody = [Line(f"states = (nl_flows.stack_states([{inits}], B),)",
+                          0, f"{', '.join(s.name for s in lv.states)} stacked: [{S} * B, heads, out, in]")]
+        else:
+            sbody = [Line(f"states = ({', '.join(start)}{',' if len(start) == 1 else ''})")]
+        sbody.append(Line(f"return states, {mom0}"))
         cls.methods.append(("start", "B, like", [f"The in-context state at the start of a sequence ({lv.init})."],
                             sbody))
 

@@ -22,7 +22,7 @@ from . import memories
 __all__ = [
     "HeadLinear", "HeadConv", "MemoryInit", "StaticMemory", "heads", "merge_heads", "chunk",
     "l2norm", "gate", "sq_norm", "all_finite", "zeros_state", "expand_state", "detach_state",
-    "detach_carry", "zeros_like_state", "batch_of",
+    "detach_carry", "zeros_like_state", "batch_of", "stack_states", "tile", "part",
 ]
 
 
@@ -111,6 +111,28 @@ class StaticMemory(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return memories.forward(self.spec, list(self.weights), x)
+
+
+def stack_states(states: Sequence[Sequence[Tensor]], B: int) -> list[Tensor]:
+    """S states of one memory shape as one: weight l becomes ``[S * B, H, out, in]`` (state s at
+    rows ``s*B:(s+1)*B``). Learned initial states ``[H, out, in]`` get their batch axis first."""
+    out = []
+    for ws in zip(*states):
+        out.append(torch.cat([w.unsqueeze(0).expand(B, *w.shape) if w.dim() == 3 else w for w in ws], dim=0))
+    return out
+
+
+def tile(x: Tensor | float, S: int) -> Tensor | float:
+    """``[B, ...] -> [S * B, ...]``: the same value for each of S stacked memories."""
+    if not isinstance(x, Tensor):
+        return x
+    return x.repeat(S, *([1] * (x.dim() - 1)))
+
+
+def part(x: Tensor, s: int, S: int) -> Tensor:
+    """Memory ``s`` of S stacked ones: rows ``s*B:(s+1)*B`` of ``[S * B, ...]`` (a view)."""
+    B = x.shape[0] // S
+    return x[s * B:(s + 1) * B]
 
 
 def heads(x: Tensor, H: int) -> Tensor:

@@ -47,50 +47,7 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------
 TITANS_RULE = nl_chunk.RuleSpec('dgd')  # hope.nl:43  rule dgd(lr = lr, decay = retain)
 # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-TITANS_MEM_MEMORY = nl_mem.MemorySpec(
-    'residual_mlp',
-    din=32,
-    dout=32,
-    hidden=32,
-    depth=2,
-    act='silu',
-)
-# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-TITANS_MK_MEMORY = nl_mem.MemorySpec(
-    'residual_mlp',
-    din=32,
-    dout=32,
-    hidden=32,
-    depth=2,
-    act='silu',
-)
-# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-TITANS_MV_MEMORY = nl_mem.MemorySpec(
-    'residual_mlp',
-    din=32,
-    dout=32,
-    hidden=32,
-    depth=2,
-    act='silu',
-)
-# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-TITANS_META_MEMORY = nl_mem.MemorySpec(
-    'residual_mlp',
-    din=32,
-    dout=32,
-    hidden=32,
-    depth=2,
-    act='silu',
-)
-# hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-TITANS_MALPHA_MEMORY = nl_mem.MemorySpec(
-    'residual_mlp',
-    din=32,
-    dout=32,
-    hidden=32,
-    depth=2,
-    act='silu',
-)
+TITANS_MEMORY = nl_mem.MemorySpec('residual_mlp', din=32, dout=32, hidden=32, depth=2, act='silu')
 FAST_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:53  rule gd(lr = 0.01)
 # hope.nl:48  level fast : mlp(d -> d, hidden = 2 * d) {
 FAST_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
@@ -129,15 +86,15 @@ class TitansLevel(nn.Module):
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
         # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-        self.mem0 = nl_flows.MemoryInit(TITANS_MEM_MEMORY, heads=4)
+        self.mem0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
         # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-        self.mk0 = nl_flows.MemoryInit(TITANS_MK_MEMORY, heads=4)
+        self.mk0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
         # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-        self.mv0 = nl_flows.MemoryInit(TITANS_MV_MEMORY, heads=4)
+        self.mv0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
         # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-        self.meta0 = nl_flows.MemoryInit(TITANS_META_MEMORY, heads=4)
+        self.meta0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
         # hope.nl:33  state mem, mk, mv, meta, malpha : small(dh)
-        self.malpha0 = nl_flows.MemoryInit(TITANS_MALPHA_MEMORY, heads=4)
+        self.malpha0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
         # hope.nl:32  let x = input | linear(d -> dh) | conv(4)
         self.x_linear = nl_flows.HeadLinear(4, 128, 32)
         # hope.nl:32  let x = input | linear(d -> dh) | conv(4)
@@ -185,105 +142,43 @@ class TitansLevel(nn.Module):
         state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
         whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
         """
-        (mem, mk, mv, meta, malpha), _ = state
+        (w,), _ = state
         x_c, query_c = xs  # this chunk's tokens
         # flows that read the chunk-start states (paper eq 90)
+        # all 5 memories at once
+        x_c_all = nl_mem.forward(TITANS_MEMORY, w, nl_flows.tile(nl_flows.heads(x_c, 4), 5))
         # hope.nl:34  let key = mk(x) | l2norm
-        key_c = nl_flows.l2norm(nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(x_c, 4)))
-        # hope.nl:35  let value = mv(x)
-        value_c = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(x_c, 4))
+        key_c = nl_flows.l2norm(nl_flows.part(x_c_all, 1, 5))
+        value_c = nl_flows.part(x_c_all, 2, 5)  # hope.nl:35  let value = mv(x)
         # hope.nl:37  let lr = meta(x) | mean | softplus | scale(0.01)
-        lr_c = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(x_c, 4))
-        lr_c = lr_c.mean(-1, keepdim=True)
-        lr_c = F.softplus(lr_c)
-        lr_c = lr_c * 0.01
+        lr_c = F.softplus(nl_flows.part(x_c_all, 3, 5).mean(-1, keepdim=True)) * 0.01
         # hope.nl:38  let retain = malpha(x) | mean | sigmoid
-        retain_c = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(x_c, 4))
-        retain_c = retain_c.mean(-1, keepdim=True)
-        retain_c = torch.sigmoid(retain_c)
+        retain_c = torch.sigmoid(nl_flows.part(x_c_all, 4, 5).mean(-1, keepdim=True))
         # target self: each memory is trained towards its own view of the values (eq 84-85)
-        mem_target = nl_mem.forward(TITANS_MEM_MEMORY, mem, nl_flows.heads(value_c, 4))
-        mk_target = nl_mem.forward(TITANS_MK_MEMORY, mk, nl_flows.heads(value_c, 4))
-        mv_target = nl_mem.forward(TITANS_MV_MEMORY, mv, nl_flows.heads(value_c, 4))
-        meta_target = nl_mem.forward(TITANS_META_MEMORY, meta, nl_flows.heads(value_c, 4))
-        malpha_target = nl_mem.forward(TITANS_MALPHA_MEMORY, malpha, nl_flows.heads(value_c, 4))
+        target = nl_mem.forward(TITANS_MEMORY, w, nl_flows.tile(nl_flows.heads(value_c, 4), 5))
         # hope.nl:43  rule dgd(lr = lr, decay = retain)
-        # rule dgd: closed-form inner gradients at the chunk-start state, exact chunk form
-        y, mem, _ = nl_chunk.chunk_step(
-            TITANS_MEM_MEMORY,
+        # rule dgd: closed-form inner gradients at the chunk-start state, exact chunk form; all 5 memories at once
+        y, w, _ = nl_chunk.chunk_step(
+            TITANS_MEMORY,
             'l2',
             TITANS_RULE,
-            mem,
+            w,
             None,
-            nl_flows.heads(key_c, 4),
-            mem_target,
-            nl_flows.heads(query_c, 4),
-            nl_flows.gate(lr_c, 4),
-            nl_flows.gate(retain_c, 4),
-            None,
-        )
-        _, mk, _ = nl_chunk.chunk_step(
-            TITANS_MK_MEMORY,
-            'l2',
-            TITANS_RULE,
-            mk,
-            None,
-            nl_flows.heads(key_c, 4),
-            mk_target,
-            None,
-            nl_flows.gate(lr_c, 4),
-            nl_flows.gate(retain_c, 4),
+            nl_flows.tile(nl_flows.heads(key_c, 4), 5),
+            target,
+            nl_flows.tile(nl_flows.heads(query_c, 4), 5),
+            nl_flows.tile(nl_flows.gate(lr_c, 4), 5),
+            nl_flows.tile(nl_flows.gate(retain_c, 4), 5),
             None,
         )
-        _, mv, _ = nl_chunk.chunk_step(
-            TITANS_MV_MEMORY,
-            'l2',
-            TITANS_RULE,
-            mv,
-            None,
-            nl_flows.heads(key_c, 4),
-            mv_target,
-            None,
-            nl_flows.gate(lr_c, 4),
-            nl_flows.gate(retain_c, 4),
-            None,
-        )
-        _, meta, _ = nl_chunk.chunk_step(
-            TITANS_META_MEMORY,
-            'l2',
-            TITANS_RULE,
-            meta,
-            None,
-            nl_flows.heads(key_c, 4),
-            meta_target,
-            None,
-            nl_flows.gate(lr_c, 4),
-            nl_flows.gate(retain_c, 4),
-            None,
-        )
-        _, malpha, _ = nl_chunk.chunk_step(
-            TITANS_MALPHA_MEMORY,
-            'l2',
-            TITANS_RULE,
-            malpha,
-            None,
-            nl_flows.heads(key_c, 4),
-            malpha_target,
-            None,
-            nl_flows.gate(lr_c, 4),
-            nl_flows.gate(retain_c, 4),
-            None,
-        )
-        return ((mem, mk, mv, meta, malpha), ()), y
+        y = nl_flows.part(y, 0, 5)  # what `mem` reads
+        return ((w,), ()), y
 
     def start(self, B, like):
         """The in-context state at the start of a sequence (learned)."""
+        # mem, mk, mv, meta, malpha stacked: [5 * B, heads, out, in]
         states = (
-            nl_flows.expand_state(self.mem0(), B),
-            nl_flows.expand_state(self.mk0(), B),
-            nl_flows.expand_state(self.mv0(), B),
-            nl_flows.expand_state(self.meta0(), B),
-            nl_flows.expand_state(self.malpha0(), B),
+            nl_flows.stack_states([self.mem0(), self.mk0(), self.mv0(), self.meta0(), self.malpha0()], B),
         )
         return states, ()
 
