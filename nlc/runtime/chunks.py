@@ -26,6 +26,7 @@ back ``[B, H, T, w]``. ``state`` is any pytree of tensors.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -71,7 +72,8 @@ def _slice(xs, a: int, b: int):
 
 
 def _use_scan() -> bool:
-    return torch.compiler.is_compiling()
+    # NLC_CHUNK_SCAN=0 unrolls the chunks in the compiled graph too (compile time grows with T/C)
+    return torch.compiler.is_compiling() and os.environ.get("NLC_CHUNK_SCAN", "1") != "0"
 
 
 def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int | None = None,
