@@ -4,7 +4,10 @@
 ``runs/<model name>``) — ``model.py``, ``train.py`` and a copy of the spec — and runs that very
 ``train.py`` in-process, so a run folder is self-contained: ``python runs/<name>/train.py
 --resume`` continues it without nlc's front end. Every flag after SPEC is train.py's
-(``nlc train SPEC --help`` lists them).
+(``nlc train SPEC --help`` lists them), except ``--nproc N``: then the run folder is written
+once, here, the flags are checked for N processes, and ``train.py`` is launched on N ranks
+through torchrun's own module (``torch.distributed.run``, ``--standalone``), as
+``torchrun --standalone --nproc-per-node N DIR/train.py [flags]`` would (docs/distributed.md).
 
 ``nlc eval CKPT`` loads a checkpoint (a run folder or its ``ckpt.pt``) with the ``model.py``
 beside it and reports validation loss and bits per byte (text), accuracy (MQAR), the
@@ -18,10 +21,13 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
-__all__ = ["add_parser", "cmd_train", "cmd_eval"]
+__all__ = ["add_parser", "cmd_eval", "cmd_train"]
 
 
 def _error(msg: str, code: int = 2) -> int:
@@ -41,6 +47,77 @@ def _import(path: Path, prefix: str):
             del sys.modules[name]
             raise
     return sys.modules[name]
+
+
+def _pop_nproc(rest: list[str]) -> tuple[str | None, list[str]]:
+    """``--nproc N`` / ``--nproc=N`` taken out of train.py's flags (the value as given, or None)."""
+    value, kept, i = None, [], 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--":
+            kept += rest[i:]
+            break
+        if a == "--nproc":
+            value = rest[i + 1] if i + 1 < len(rest) else ""
+            i += 2
+            continue
+        if a.startswith("--nproc="):
+            value = a.split("=", 1)[1]
+        else:
+            kept.append(a)
+        i += 1
+    return value, kept
+
+
+def _torchrun(script: Path, argv: list[str], nproc: int) -> int:
+    """Run ``script`` on ``nproc`` local ranks through ``torch.distributed.run`` (torchrun's module,
+    in-process: this process is its agent); the exit status of the first failed rank, else 0."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, parse_args, run
+
+    env_before = dict(os.environ)  # restored afterwards (the agent sets variables of its own too)
+    root = str(Path(__file__).resolve().parents[1])  # the ranks import nlc from where this nlc lives
+    os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([env_before["PYTHONPATH"]] if env_before.get("PYTHONPATH") else []))
+    if "OMP_NUM_THREADS" not in env_before:  # torchrun would set 1: share the cores instead
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # The agent's own log lines (banners, "failed (exitcode: 2)" reports) would bury the ranks'
+    # one-line errors: quiet them; the ranks' own output is untouched.
+    quieted = [(lg, lg.level) for name, lg in list(logging.root.manager.loggerDict.items())
+               if name.startswith("torch.distributed") and isinstance(lg, logging.Logger)]
+    for lg, _ in quieted:
+        lg.setLevel(logging.CRITICAL)
+    flags = ["--standalone", "--nproc-per-node", str(nproc)]
+    if "--shutdown-timeout" in get_args_parser()._option_string_actions:
+        # on Ctrl-C the agent gives the ranks this long to agree, save a checkpoint and exit (default 30 s)
+        flags += ["--shutdown-timeout", "300"]
+    signals = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n)]
+    handlers = {s: signal.getsignal(s) for s in signals}  # the agent installs its own
+    try:
+        run(parse_args([*flags, str(script), *argv]))
+        return 0
+    except ChildFailedError as e:
+        failures = e.failures
+        first = failures[min(failures)]
+        code = int(first.exitcode)
+        if code < 0:  # killed by a signal
+            return 130 if -code in (signal.SIGINT, signal.SIGTERM) else 128 - code
+        if code not in (1, 2, 130):
+            print(f"nlc: error: rank {min(failures)} exited with status {code}", file=sys.stderr)
+        return code
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    finally:
+        for s, h in handlers.items():
+            if h is not None:
+                try:
+                    signal.signal(s, h)
+                except ValueError:  # not the main thread (then the agent could not install its own either)
+                    pass
+        for lg, level in quieted:
+            lg.setLevel(level)
+        os.environ.clear()
+        os.environ.update(env_before)
 
 
 def _out_dir(rest: list[str], default: str) -> str:
@@ -66,7 +143,18 @@ def cmd_train(args) -> int:
         print(render(result.diagnostics, sources), file=sys.stderr)
         return 1
     program = result.program
-    rest = list(args.rest)
+    nproc_text, rest = _pop_nproc(list(args.rest))
+    nproc = None
+    if nproc_text is not None:
+        try:
+            nproc = int(nproc_text)
+        except ValueError:
+            return _error(f"bad world size: --nproc {nproc_text!r} is not an integer (hint: e.g. --nproc 2)")
+        if nproc < 1:
+            return _error(f"bad world size: --nproc {nproc} (hint: use --nproc 1 or more)")
+        if "WORLD_SIZE" in os.environ:
+            return _error("--nproc starts torchrun itself, and this process already runs under torchrun "
+                          "(hint: drop --nproc, or run nlc train outside torchrun)")
     out = _out_dir(rest, f"runs/{program.name}")
     if not any(a == "--out" or a.startswith("--out=") for a in rest):
         rest = ["--out", out] + rest
@@ -78,7 +166,12 @@ def cmd_train(args) -> int:
     except OSError as e:
         return _error(f"cannot write the run folder {out}: {e.strerror or e}")
     train = _import(Path(out) / "train.py", "_nlc_train_")
-    return int(train.main(rest) or 0)
+    if nproc is None or any(a in ("-h", "--help") for a in rest):
+        return int(train.main(rest) or 0)
+    status = train.check_launch(rest, nproc)  # errors once, here, rather than once per rank
+    if status:
+        return int(status)
+    return _torchrun(Path(out) / "train.py", rest, nproc)
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -87,16 +180,22 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .runtime.checkpoint import CheckpointError, load_checkpoint
+    from .runtime.checkpoint import (
+        FILE_NAME,
+        META_NAME,
+        CheckpointError,
+        find_checkpoint,
+        load_checkpoint,
+    )
     from .runtime.data import DataError, load_corpus
     from .runtime.evaluate import continual_summary, evaluate_task, evaluate_ttl
     from .runtime.tasks import TaskError, make_task
 
     path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "ckpt.pt"
+    if path.is_dir() and not (path / META_NAME).exists():  # a run folder (else a sharded ckpt.dcp/ itself)
+        path = find_checkpoint(path) or path / FILE_NAME
     if not path.exists():
-        return _error(f"no checkpoint at {path} (give a run folder of `nlc train` or its ckpt.pt)")
+        return _error(f"no checkpoint at {path} (give a run folder of `nlc train`, or its ckpt.pt or ckpt.dcp)")
     model_py = path.parent / "model.py"
     if not model_py.exists():
         return _error(f"no model.py beside {path}: evaluate a run folder written by `nlc train` "
@@ -194,14 +293,15 @@ def _print_report(r: dict) -> None:
 
 def add_parser(sub) -> None:
     t = sub.add_parser(
-        "train", help="compile a spec and train it (flags after SPEC go to train.py; try SPEC --help)",
+        "train", help="compile a spec and train it (flags after SPEC go to train.py; try SPEC --help; "
+                      "--nproc N: N ranks through torchrun)",
         add_help=False)
     t.add_argument("file", metavar="SPEC")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: loss, bits per byte, MQAR accuracy, continual matrix")
-    e.add_argument("checkpoint", metavar="CKPT", help="a run folder of `nlc train`, or its ckpt.pt")
+    e.add_argument("checkpoint", metavar="CKPT", help="a run folder of `nlc train`, or its ckpt.pt / ckpt.dcp")
     e.add_argument("--data", metavar="PATH", help="evaluate on this text instead of the run's data")
     e.add_argument("--seq-len", type=int, help="sequence length (default: the run's)")
     e.add_argument("--eval-batches", type=int, help="batches to evaluate (default: the run's)")

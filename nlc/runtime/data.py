@@ -6,6 +6,9 @@ Everything here is deterministic, so a training run can be resumed bit-exactly:
 * The train/validation split is a pure function of the corpus bytes (:func:`split_spans`).
 * Training batches are a pure function of ``(seed, step)`` (:func:`sample_windows`); nothing
   is carried from one step to the next, so nothing about the data needs checkpointing.
+* Under data parallelism the batch of a step is still the *global* batch, the same for any
+  number of ranks; rank ``r`` of ``W`` trains on the contiguous block of rows
+  :func:`shard_rows` gives it, so the ranks' rows never overlap and together cover the batch.
 
 The embedded default corpus
 ---------------------------
@@ -56,6 +59,7 @@ __all__ = [
     "mix_seed",
     "read_text_documents",
     "sample_windows",
+    "shard_rows",
     "split_spans",
     "spread_windows",
     "stream_windows",
@@ -327,3 +331,22 @@ def stream_windows(data: torch.Tensor, batch_size: int, seq_len: int, segments: 
         )
     base = torch.arange(batch_size)[:, None] * per_row + torch.arange(seq_len + 1)
     return [data[base + s * seq_len].long() for s in range(segments)]
+
+
+def shard_rows(batch_size: int, rank: int, world: int) -> slice:
+    """Rows ``[rank·b, (rank+1)·b)`` with ``b = batch_size / world``: rank ``rank``'s block of a
+    global batch (training, evaluation and test-time-learning streams alike).
+
+    Contiguous blocks keep row ``i`` of every batch on the same rank, which is what persisted
+    per-sequence memory (``reset never``, test-time learning streams) needs. Raises
+    :class:`DataError` when the batch does not split evenly.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise DataError(f"bad world size: rank {rank} of {world}", "launch with torchrun or nlc train --nproc")
+    if batch_size % world:
+        raise DataError(
+            f"--batch-size {batch_size} (the global batch) does not split over {world} ranks",
+            f"use a multiple of {world}, e.g. --batch-size {max(world, batch_size // world * world)}",
+        )
+    b = batch_size // world
+    return slice(rank * b, (rank + 1) * b)
