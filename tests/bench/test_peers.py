@@ -1,0 +1,130 @@
+"""benchmarks/peers.py on the CPU (tiny sizes): it runs, checks nlc before timing, writes JSON and
+markdown, and records a missing peer as skipped instead of crashing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ..conftest import ROOT
+
+PEERS = ROOT / "benchmarks" / "peers.py"
+# run the script with these peers unimportable, whatever this machine has installed
+BLOCK = (
+    "import runpy, sys\n"
+    "for m in ('titans_pytorch', 'fla', 'nested_learning'):\n"
+    "    sys.modules[m] = None\n"
+    f"sys.argv = [{str(PEERS)!r}] + sys.argv[1:]\n"
+    f"runpy.run_path({str(PEERS)!r}, run_name='__main__')\n"
+)
+
+
+def run_peers(tmp_path, *args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    t = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-c", BLOCK, "--device", "cpu", "--quick", "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp_path,
+    )
+    elapsed = time.perf_counter() - t
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads((tmp_path / "peers.json").read_text())
+    return doc, p.stdout, elapsed
+
+
+def rows(doc, **match):
+    return [r for r in doc["rows"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_transformer_section_on_cpu(tmp_path):
+    doc, out, elapsed = run_peers(tmp_path, "--sections", "transformer")
+    assert elapsed < 60
+    check = rows(doc, section="transformer", variant="check")
+    assert check and check[0]["status"] == "passed" and check[0]["check"]["out_rel"] < 1e-3
+    timed = {r["impl"]: r for r in rows(doc, section="transformer", status="ok") if r["variant"] != "ratio"}
+    assert set(timed) == {"control", "nlc"}
+    for r in timed.values():
+        assert r["tokens_per_s"]["median"] > 0 and r["step_ms"]["p10"] <= r["step_ms"]["p90"]
+        assert r["tflops"]["model"] > 0
+    assert rows(doc, impl="nlc / control")[0]["ratio"] > 0
+    assert set(doc["ceilings"]) == {"start", "end"}
+    assert doc["env"]["torch"] and doc["env"]["date"] and "--sections transformer" in doc["command"]
+    md = (tmp_path / "peers.md").read_text()
+    assert "| transformer |" in md and doc["env"]["date"] in md
+    assert "| transformer | tiny" in out  # the final table is printed
+
+
+def test_missing_peer_is_recorded_as_skipped(tmp_path):
+    doc, out, _ = run_peers(tmp_path, "--sections", "titans", "--steps", "2", "--warmup", "1")
+    skipped = rows(doc, section="titans", impl="titans-pytorch", status="skipped")
+    assert skipped and "not installed" in skipped[0]["reason"]
+    assert rows(doc, section="titans", impl="nlc", status="ok")  # nlc still timed
+    assert not rows(doc, status="error")
+
+
+def test_a_failing_section_does_not_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    def boom(run):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(peers.SECTION_FUNCS, "cms", boom)
+    monkeypatch.delenv("OUT", raising=False)
+    assert (
+        peers.main(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--sections",
+                "cms,transformer",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    doc = json.loads((tmp_path / "peers.json").read_text())
+    err = rows(doc, section="cms", status="error")
+    assert err and "planted failure" in err[0]["reason"]
+    assert rows(doc, section="transformer", impl="nlc", status="ok")
+
+
+@pytest.mark.parametrize("bad", ["--sections=nope"])
+def test_bad_section_is_a_usage_error(tmp_path, bad):
+    p = subprocess.run(
+        [sys.executable, str(PEERS), bad],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert p.returncode == 2 and "unknown section" in p.stderr
+
+
+@pytest.mark.slow
+def test_every_section_runs_on_cpu(tmp_path):
+    """All six sections at tiny sizes: every nlc check passes and nothing errors (peers absent)."""
+    doc, _, _ = run_peers(tmp_path, "--steps", "2", "--warmup", "1", timeout=600)
+    assert not rows(doc, status="error") and not rows(doc, status="refused")
+    checks = rows(doc, variant="check")
+    assert len(checks) >= 9 and all(r["status"] == "passed" for r in checks)
+    for section in ("transformer", "titans", "delta", "hope", "cms", "mac"):
+        assert rows(doc, section=section, impl="nlc", status="ok") or rows(
+            doc, section=section, impl="nlc cms level", status="ok"
+        ), section
