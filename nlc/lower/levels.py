@@ -568,7 +568,9 @@ def lower_attention(program: ir.Program, lv: ir.Level, d: int, cns) -> ClassPlan
     b.append(Line(f"q, k, v = self.qkv(x).split({d}, dim=-1)"))
     b.append(Line(f"q, k, v = (nl_ops.split_heads(t, {heads}) for t in (q, k, v))  # [B, {heads}, T, {dh}]"))
     if rope:
-        b.append(Line(f"cos, sin = nl_ops.rope_cache(T, {dh}, device=x.device, dtype=x.dtype)"))
+        n = program.seq or 4096
+        cls.attrs.append(Attr("rope", f"nl_ops.RopeTables({dh}, {n})", f"rotary tables for up to {n} positions"))
+        b.append(Line("cos, sin = self.rope(T, x.dtype)"))
         b.append(Line("q, k = nl_ops.apply_rope(q, cos, sin), nl_ops.apply_rope(k, cos, sin)"))
     b.append(Line(f"y = nl_ops.causal_attention(q, k, v, window={int(window) if window else None})"))
     b.append(Line("return self.proj(nl_ops.merge_heads(y))"))

@@ -102,15 +102,34 @@ def expand_state(weights: Sequence[Tensor], B: int) -> list[Tensor]:
 
 
 class StaticMemory(nn.Module):
-    """A memory with no in-context update (``never``/``frozen``/steps levels): ``[..., din] -> [..., dout]``."""
+    """A memory with no in-context update (``never``/``frozen``/steps levels): ``[..., din] -> [..., dout]``.
+
+    A SwiGLU keeps its gate and up projections in one ``[2 * hidden, din]`` weight (one matrix
+    product instead of two); ``weights`` still lists ``[W_g, W_u, W_o]`` (views) for inspection.
+    """
 
     def __init__(self, spec: memories.MemorySpec):
         super().__init__()
         self.spec = spec
-        self.weights = nn.ParameterList([nn.Parameter(w) for w in memories.init_weights(spec)])
+        ws = memories.init_weights(spec)
+        if spec.kind == "swiglu":
+            self.w_in = nn.Parameter(torch.cat(ws[:2], dim=0))
+            self.w_out = nn.Parameter(ws[2])
+        else:
+            self.ws = nn.ParameterList([nn.Parameter(w) for w in ws])
+
+    @property
+    def weights(self) -> list[Tensor]:
+        if self.spec.kind == "swiglu":
+            h = self.spec.hidden
+            return [self.w_in[:h], self.w_in[h:], self.w_out]
+        return list(self.ws)
 
     def forward(self, x: Tensor) -> Tensor:
-        return memories.forward(self.spec, list(self.weights), x)
+        if self.spec.kind == "swiglu":
+            gate, up = (x @ self.w_in.mT).chunk(2, dim=-1)
+            return (memories.activation(self.spec.act, gate) * up) @ self.w_out.mT
+        return memories.forward(self.spec, list(self.ws), x)
 
 
 def stack_states(states: Sequence[Sequence[Tensor]], B: int) -> list[Tensor]:

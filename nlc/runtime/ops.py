@@ -45,7 +45,7 @@ __all__ = [
     "l2_normalize",
     "merge_heads",
     "rms_norm",
-    "rope_cache",
+    "rope_cache", "RopeTables",
     "sliding_window_mask",
     "split_heads",
 ]
@@ -182,6 +182,26 @@ def rope_cache(
     angles = torch.outer(pos, inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class RopeTables(nn.Module):
+    """Precomputed :func:`rope_cache` tables for up to ``max_len`` positions (non-persistent
+    buffers, so they follow ``.to(device)`` and stay out of checkpoints).
+
+    ``forward(T, dtype) -> (cos, sin)``, each ``[T, dim]``; longer sequences are computed on the fly.
+    """
+
+    def __init__(self, dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.dim, self.base = dim, base
+        cos, sin = rope_cache(max_len, dim, base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if T > self.cos.shape[0]:
+            return rope_cache(T, self.dim, self.base, device=self.cos.device, dtype=dtype)
+        return self.cos[:T].to(dtype), self.sin[:T].to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

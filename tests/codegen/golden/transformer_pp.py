@@ -64,12 +64,13 @@ class AttnLevel(nn.Module):
         # transformer_pp.nl:21  level attn : attention(heads = heads, rope = yes)
         self.qkv = nn.Linear(128, 384, bias=False)
         self.proj = nn.Linear(128, 128, bias=False)
+        self.rope = nl_ops.RopeTables(32, 256)  # rotary tables for up to 256 positions
 
     def forward(self, x):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(128, dim=-1)
         q, k, v = (nl_ops.split_heads(t, 4) for t in (q, k, v))  # [B, 4, T, 32]
-        cos, sin = nl_ops.rope_cache(T, 32, device=x.device, dtype=x.dtype)
+        cos, sin = self.rope(T, x.dtype)
         q, k = nl_ops.apply_rope(q, cos, sin), nl_ops.apply_rope(k, cos, sin)
         y = nl_ops.causal_attention(q, k, v, window=None)
         return self.proj(nl_ops.merge_heads(y))
@@ -188,30 +189,45 @@ class Model(nn.Module):
                 m.carry = None
 
     def memory_state_dict(self):
-        """In-context states kept across calls (reset never / test-time learning), for checkpoints."""
+        """In-context states kept across calls (reset never / test-time learning), for checkpoints.
+
+        Flat {key: tensor}: tensors with a batch axis are per sequence row (ranks split them);
+        "<key>.n" entries (0-dim) give the length of each nested tuple of the state.
+        """
         out = {}
+
+        def walk(node, key):
+            if torch.is_tensor(node):
+                out[key] = node.detach().cpu()
+            elif node is not None:
+                out[f"{key}.n"] = torch.tensor(len(node))
+                for j, child in enumerate(node):
+                    walk(child, f"{key}.{j}")
+
         for i, m in enumerate(self.level_modules()):
-            carry = getattr(m, "carry", None)
-            if carry is None:
-                continue
-            out[f"{i}.n"] = torch.tensor(len(carry))
-            for j, state in enumerate(carry):
-                for k, w in enumerate(state or ()):
-                    out[f"{i}.{j}.{k}"] = w.detach().cpu()
+            if getattr(m, "carry", None) is not None:
+                walk(m.carry, str(i))
         return out
 
     def load_memory_state_dict(self, state_dict):
         modules = self.level_modules()
-        for key, n in state_dict.items():
-            if not key.endswith(".n"):
-                continue
-            i = int(key[:-2])
-            device = next(modules[i].parameters()).device
-            carry = []
-            for j in range(int(n)):
-                ws = [state_dict[f"{i}.{j}.{k}"].to(device) for k in range(64) if f"{i}.{j}.{k}" in state_dict]
-                carry.append(ws or None)
-            modules[i].carry = tuple(carry)
+
+        def build(key, device):
+            if key in state_dict:
+                return state_dict[key].to(device)
+            if f"{key}.n" not in state_dict:
+                return None
+            items = [build(f"{key}.{j}", device) for j in range(int(state_dict[f"{key}.n"]))]
+            # weights of one state are a list; the nesting above them, tuples (as the chunk step makes)
+            return items if items and all(torch.is_tensor(t) for t in items) else tuple(items)
+
+        for m in modules:
+            if hasattr(m, "carry"):
+                m.carry = None
+        for key in state_dict:
+            if key.count(".") == 1 and key.endswith(".n"):
+                i = int(key.split(".")[0])
+                modules[i].carry = build(str(i), next(modules[i].parameters()).device)
 
     def nonfinite_levels(self):
         bad = []
@@ -243,6 +259,12 @@ def _param_groups(params, weight_decay):
     ]
 
 
+def _on_cuda(params):
+    """Use the fused CUDA kernels of torch's Adam/AdamW when every parameter is on a GPU."""
+    params = list(params)
+    return bool(params) and all(p.is_cuda for p in params)
+
+
 def build_optimizers(model, cfg=None):
     """The optimizers of the levels updated by the outer loss, in the order of optimizer_periods().
 
@@ -254,7 +276,14 @@ def build_optimizers(model, cfg=None):
     params = [p for p in model.parameters() if id(p) not in grouped]
     groups = _param_groups(params, 0.1)
     # transformer_pp.nl:33  rule adamw(lr = 2e-3, wd = 0.1)
-    optimizer = torch.optim.AdamW(groups, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=0.002,
+        betas=(0.9, 0.999),
+        eps=1e-08,
+        weight_decay=0.1,
+        fused=_on_cuda(params),
+    )
     if cfg.get("lr") is not None:
         for g in optimizer.param_groups:
             g["lr"] = cfg["lr"]
