@@ -32,6 +32,7 @@ def level(chunk: int, d: int, heads: int):
 
 def bench(f, x, steps=5):
     def step():
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = f(x)
         y.float().square().mean().backward()
@@ -67,9 +68,14 @@ def main():
         torch.manual_seed(0)
         m = cls().cuda()
         x = torch.randn(args.B, args.T, 512, device="cuda", requires_grad=True)
-        os.environ["NLC_CHUNK_SCAN"] = "0" if mode == "unrolled" else "1"
+        os.environ["NLC_CHUNK_SCAN"] = "0" if mode.startswith("unrolled") else "1"
         torch._dynamo.reset()
-        f = m if mode == "eager" else torch.compile(m, fullgraph=True)
+        if mode == "eager":
+            f = m
+        elif mode.endswith("_cg"):  # CUDA graphs: launch overhead removed
+            f = torch.compile(m, fullgraph=True, mode="reduce-overhead")
+        else:
+            f = torch.compile(m, fullgraph=True)
         try:
             first, ms, step = bench(f, x)
             r = {"mode": mode, "chunk": args.chunk, "first_s": round(first, 1), "step_ms": round(ms, 2),

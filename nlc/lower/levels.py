@@ -270,6 +270,7 @@ def _doc(program: ir.Program, lv: ir.Level) -> list[str]:
     if lv.kind is ir.LevelKind.IN_CONTEXT:
         d.append(f"reset {lv.reset}; init {lv.init}; grad through writes {lv.grad_writes}; "
                  f"read {lv.read_mode}; target {lv.target}")
+        d.append("Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.")
     return d
 
 

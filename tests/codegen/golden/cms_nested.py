@@ -89,6 +89,7 @@ class OuterLevel(nn.Module):
     state outer: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
+    Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
 
     level = 'outer'
@@ -177,6 +178,7 @@ class InnerLevel(nn.Module):
     state inner: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset every 64 tokens; init from outer; grad through writes full; read chunk; target plain
+    Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
 
     level = 'inner'

@@ -71,6 +71,7 @@ class TitansLevel(nn.Module):
     state malpha: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
     objective l2; rule dgd(lr=lr, decay=retain)
     reset per sequence; init learned; grad through writes full; read chunk; target self
+    Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
 
     level = 'titans'
@@ -191,6 +192,7 @@ class FastLevel(nn.Module):
     state fast: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
+    Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
 
     level = 'fast'
@@ -279,6 +281,7 @@ class MidLevel(nn.Module):
     state mid: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     objective l2; rule gd(lr=0.01)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
+    Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
 
     level = 'mid'

@@ -60,6 +60,7 @@ class MemoryLevel(nn.Module):
     state memory: mlp(32 -> 32, hidden=64, depth=2, act=silu)
     objective l2; rule momentum(lr=theta, momentum=eta, decay=retain)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
+    Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
 
     level = 'memory'
