@@ -54,7 +54,7 @@ def _optimizer_code(program: ir.Program, owner: ir.Level, rule_level: ir.Level) 
         cls = "AdamW" if r == "adamw" else "Adam"
         return (f"torch.optim.{cls}(groups, lr={lr}, betas=({num(_hyper(lv, 'beta1', 0.9))}, "
                 f"{num(_hyper(lv, 'beta2', 0.999))}), eps={num(_hyper(lv, 'eps', 1e-8))}, weight_decay={wd}, "
-                f"fused=_on_cuda(params))")
+                f"fused=nl_model.on_cuda(params))")
     if r == "sgd":
         return (f"torch.optim.SGD(groups, lr={lr}, momentum={num(_hyper(lv, 'momentum', 0.0))}, "
                 f"nesterov={_yes(_hyper(lv, 'nesterov', 'no'))}, weight_decay={wd})")

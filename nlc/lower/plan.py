@@ -27,7 +27,7 @@ __all__ = ["Namespace", "Line", "Attr", "ClassPlan", "OptimizerPlan", "ModelPlan
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAKEN = set(keyword.kwlist) | set(dir(builtins)) | {
-    "self", "torch", "nn", "F", "math", "nl_chunk", "nl_chunks", "nl_flows", "nl_mem", "nl_ops", "nl_optim",
+    "self", "torch", "nn", "F", "math", "nl_chunk", "nl_chunks", "nl_flows", "nl_model", "nl_mem", "nl_ops", "nl_optim",
     "dataclass", "field", "annotations",
 }
 

@@ -19,6 +19,7 @@ from nlc.runtime import chunk as nl_chunk
 from nlc.runtime import chunks as nl_chunks
 from nlc.runtime import flows as nl_flows
 from nlc.runtime import memories as nl_mem
+from nlc.runtime import model as nl_model
 from nlc.runtime import ops as nl_ops
 from nlc.runtime import optim as nl_optim
 
@@ -234,12 +235,15 @@ LEVELS = {
 }
 
 
-class Model(nn.Module):
+class Model(nl_model.NestedModel):
     """`titans_lmm`: embedding, 1 block kind(s), final norm, tied head.
 
     forward(idx [B, T] int64, targets [B, T] int64 or None) -> (logits [B, T, vocab], loss or None).
-    Targets equal to -100 are ignored by the loss.
+    Targets equal to -100 are ignored by the loss. The control of in-context memories (persisting,
+    resetting, checkpointing them, finding non-finite levels) comes from nl_model.NestedModel.
     """
+
+    levels = LEVELS
 
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
@@ -261,111 +265,11 @@ class Model(nn.Module):
             loss = F.cross_entropy(logits_flat, targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    # ---- in-context memories (called outside the compiled step) -------------------------------
-    def level_modules(self, name=None):
-        """Every module implementing a level (one per layer), or those of level `name`."""
-        return [m for m in self.modules() if getattr(m, "level", None) in LEVELS
-                and (name is None or m.level == name)]
-
-    def level_parameters(self, name):
-        seen, out = set(), []
-        for m in self.level_modules(name):
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
-    @property
-    def persist_memory(self):
-        return any(getattr(m, "persist", False) for m in self.level_modules())
-
-    @persist_memory.setter
-    def persist_memory(self, value):
-        for m in self.level_modules():
-            if hasattr(m, "persist"):
-                m.persist = bool(value) or getattr(m, "reset_never", False)
-
-    def reset_memory(self):
-        for m in self.level_modules():
-            if hasattr(m, "carry"):
-                m.carry = None
-
-    def memory_state_dict(self):
-        """In-context states kept across calls (reset never / test-time learning), for checkpoints.
-
-        Flat {key: tensor}: tensors with a batch axis are per sequence row (ranks split them);
-        "<key>.n" entries (0-dim) give the length of each nested tuple of the state.
-        """
-        out = {}
-
-        def walk(node, key):
-            if torch.is_tensor(node):
-                out[key] = node.detach().cpu()
-            elif node is not None:
-                out[f"{key}.n"] = torch.tensor(len(node))
-                for j, child in enumerate(node):
-                    walk(child, f"{key}.{j}")
-
-        for i, m in enumerate(self.level_modules()):
-            if getattr(m, "carry", None) is not None:
-                walk(m.carry, str(i))
-        return out
-
-    def load_memory_state_dict(self, state_dict):
-        modules = self.level_modules()
-
-        def build(key, device):
-            if key in state_dict:
-                return state_dict[key].to(device)
-            if f"{key}.n" not in state_dict:
-                return None
-            items = [build(f"{key}.{j}", device) for j in range(int(state_dict[f"{key}.n"]))]
-            # weights of one state are a list; the nesting above them, tuples (as the chunk step makes)
-            return items if items and all(torch.is_tensor(t) for t in items) else tuple(items)
-
-        for m in modules:
-            if hasattr(m, "carry"):
-                m.carry = None
-        for key in state_dict:
-            if key.count(".") == 1 and key.endswith(".n"):
-                i = int(key.split(".")[0])
-                modules[i].carry = build(str(i), next(modules[i].parameters()).device)
-
-    def nonfinite_levels(self):
-        bad = []
-        for m in self.level_modules():
-            if not nl_flows.all_finite(m) and m.level not in bad:
-                bad.append(m.level)
-        return bad
-
-    def level_report(self):
-        out = []
-        for name, (kind, period) in LEVELS.items():
-            out.append({"name": name, "kind": kind, "period": period,
-                        "params": sum(p.numel() for p in self.level_parameters(name))})
-        return out
-
 
 # ---------------------------------------------------------------------------------------------
 # optimizers: the outer level
 # ---------------------------------------------------------------------------------------------
 STEPS_GROUPS = []
-
-
-def _param_groups(params, weight_decay):
-    """Decay matrices (ndim >= 2); not gains, scales or mixing weights."""
-    params = [p for p in params if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-
-
-def _on_cuda(params):
-    """Use the fused CUDA kernels of torch's Adam/AdamW when every parameter is on a GPU."""
-    params = list(params)
-    return bool(params) and all(p.is_cuda for p in params)
 
 
 def build_optimizers(model, cfg=None):
@@ -377,7 +281,7 @@ def build_optimizers(model, cfg=None):
     grouped = {id(p) for name in STEPS_GROUPS for p in model.level_parameters(name)}
     optimizers = []
     params = [p for p in model.parameters() if id(p) not in grouped]
-    groups = _param_groups(params, 0.1)
+    groups = nl_model.param_groups(params, 0.1)
     # titans_lmm.nl:53  rule adamw(lr = 2e-3, wd = 0.1)
     optimizer = torch.optim.AdamW(
         groups,
@@ -385,7 +289,7 @@ def build_optimizers(model, cfg=None):
         betas=(0.9, 0.999),
         eps=1e-08,
         weight_decay=0.1,
-        fused=_on_cuda(params),
+        fused=nl_model.on_cuda(params),
     )
     if cfg.get("lr") is not None:
         for g in optimizer.param_groups:
