@@ -30,9 +30,9 @@ from pathlib import Path
 __all__ = ["add_parser", "cmd_eval", "cmd_train"]
 
 
-def _error(msg: str, code: int = 2) -> int:
-    print(f"nlc: error: {msg}", file=sys.stderr)
-    return code
+def _error(msg: str, code: str = "NL901", status: int = 2) -> int:
+    print(f"nlc: error: {code} {msg}", file=sys.stderr)
+    return status
 
 
 def _import(path: Path, prefix: str):
@@ -195,18 +195,19 @@ def cmd_eval(args) -> int:
     if path.is_dir() and not (path / META_NAME).exists():  # a run folder (else a sharded ckpt.dcp/ itself)
         path = find_checkpoint(path) or path / FILE_NAME
     if not path.exists():
-        return _error(f"no checkpoint at {path} (give a run folder of `nlc train`, or its ckpt.pt or ckpt.dcp)")
+        return _error(f"no checkpoint at {path} (give a run folder of `nlc train`, or its ckpt.pt or ckpt.dcp)",
+                      "NL903")
     model_py = path.parent / "model.py"
     if not model_py.exists():
         return _error(f"no model.py beside {path}: evaluate a run folder written by `nlc train` "
-                      "(or `nlc compile SPEC -o` that folder)")
+                      "(or `nlc compile SPEC -o` that folder)", "NL903")
     try:
         module = _import(model_py, "_nlc_model_")
         ckpt = load_checkpoint(path, spec_hash=module.SPEC.get("hash"))
     except CheckpointError as e:
-        return _error(f"{e}" + (f" (hint: {e.hint})" if e.hint else ""))
+        return _error(f"{e}" + (f" (hint: {e.hint})" if e.hint else ""), "NL903")
     except Exception as e:  # noqa: BLE001 - a broken model.py is the user's file
-        return _error(f"cannot load {model_py}: {type(e).__name__}: {e}")
+        return _error(f"cannot load {model_py}: {type(e).__name__}: {e}", "NL903")
     tc = dict(ckpt.get("train_config") or {})
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = module.ModelConfig(**{k: v for k, v in (ckpt.get("model_config") or {}).items()
@@ -229,7 +230,7 @@ def cmd_eval(args) -> int:
                          num_tasks=tc.get("num_tasks", 3), task_steps=tc.get("task_steps"))
     except (DataError, TaskError) as e:
         hint = getattr(e, "hint", "")
-        return _error(f"{e}" + (f" (hint: {hint})" if hint else ""))
+        return _error(f"{e}" + (f" (hint: {hint})" if hint else ""), getattr(e, "code", "NL902"))
     report: dict = {"checkpoint": str(path), "spec": ckpt.get("spec", {}).get("name"), "step": ckpt.get("step"),
                     "task": kind, "metric": task.metric}
     with torch.no_grad():

@@ -91,6 +91,8 @@ META_NAME = "meta.pt"
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; ``hint`` says what to do about it."""
 
+    code = "NL903"  # nlc's stable diagnostic code (docs/errors.md)
+
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message)
         self.hint = hint

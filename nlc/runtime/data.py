@@ -88,6 +88,8 @@ _MASK63 = (1 << 63) - 1
 class DataError(ValueError):
     """A data source that cannot be used; ``hint`` says what to do about it."""
 
+    code = "NL902"  # nlc's stable diagnostic code (docs/errors.md)
+
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message)
         self.hint = hint

@@ -61,6 +61,8 @@ EVAL_SEED = 0x5EED
 class TaskError(ValueError):
     """Task parameters that cannot work together; ``hint`` says what to change."""
 
+    code = "NL901"  # nlc's stable diagnostic code (docs/errors.md)
+
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message)
         self.hint = hint

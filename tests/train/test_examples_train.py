@@ -71,3 +71,12 @@ def test_nlc_eval_errors_are_clear(tmp_path, run_cli):
     (tmp_path / "run" / "ckpt.pt").write_bytes(b"not a checkpoint")
     code, _, err = run_cli("eval", tmp_path / "run")
     assert code == 2 and "model.py" in err
+
+
+def test_data_and_checkpoint_errors_carry_their_codes(tmp_path, run_cli, capsys):
+    spec = tmp_path / "hope_tiny.nl"
+    spec.write_text(shrink((ROOT / "examples" / "hope.nl").read_text(), d=32, heads=2, layers=1))
+    code, _, err = run_cli("train", spec, "--data", tmp_path / "missing.txt", "--out", tmp_path / "run")
+    assert code == 2 and "NL902" in err + capsys.readouterr().err
+    code, _, err = run_cli("eval", tmp_path / "nowhere")
+    assert code == 2 and "NL903" in err
