@@ -1,6 +1,6 @@
 """A hand-written Transformer++ (Llama-style) language model: the control of the benchmarks.
 
-Written the way a careful person writes one for speed, nanoGPT-style, in one file: RMSNorm
+A speed-minded, nanoGPT-style model in one file: RMSNorm
 pre-norm residual blocks, one fused QKV projection, rotary positions (rotate-half), causal
 ``scaled_dot_product_attention`` (flash kernels on the GPU), a SwiGLU feed-forward with one fused
 gate-and-up projection, a final RMSNorm and an output head tied to the embedding. No biases.

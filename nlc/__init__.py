@@ -48,10 +48,15 @@ def parse(text_or_path):
 
 
 def diagnose(text_or_path):
-    """Parse, resolve and verify; return a CheckResult with every diagnostic (never raises)."""
-    from .pipeline import check_source
+    """Parse, resolve and verify; return a CheckResult with every diagnostic (never raises for a
+    problem of the spec or its file)."""
+    from .pipeline import CheckResult, check_source
 
-    return check_source(_source(text_or_path))
+    try:
+        source = _source(text_or_path)
+    except SpecError as e:  # a file that cannot be read (NL001/NL002)
+        return CheckResult(None, tuple(e.diagnostics))
+    return check_source(source)
 
 
 def check(text_or_path):

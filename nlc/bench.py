@@ -641,14 +641,12 @@ def mfu_block(flops: dict, tokens_per_s: float, dtype: str, device, gemm_tflops:
 
 
 def _pick_device(name: str):
-    import torch
+    from .train_cli import _device
 
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no CUDA device is available here")
-    return dev
+    try:
+        return _device(name or "auto")
+    except ValueError as e:
+        raise BenchError(str(e)) from None
 
 
 @contextlib.contextmanager

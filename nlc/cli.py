@@ -1,8 +1,8 @@
 """The ``nlc`` command line.
 
-Exit codes (a contract other tools rely on): 0 success; 1 a spec (or data, or checkpoint) has
-errors, each printed as ``file:line:col: NL123 message`` with the source line, a caret and a
-hint; 2 usage errors (bad flags, missing files given to a subcommand that needs them).
+Exit codes (a contract other tools rely on): 0 success; 1 a spec has errors, each printed as
+``file:line:col: NL123 message`` with the source line, a caret and a hint; 2 usage errors (bad
+flags: NL901) and, for ``train``/``eval``, unusable data (NL902) or checkpoints (NL903).
 
 Commands load their heavy dependencies (torch) only when they need them, so ``nlc check`` and
 ``nlc fmt`` start fast.
@@ -135,6 +135,10 @@ def cmd_compile(args) -> int:
     warnings = [d for d in result.diagnostics if not d.is_error]
     if warnings:
         _print_diags(warnings, sources, "text", sys.stderr)
+    if args.emit in ("ast", "ir") and args.output:
+        print(f"nlc: error: NL901 --emit {args.emit} prints to stdout; -o DIR writes model.py and train.py "
+              "(hint: drop one of them)", file=sys.stderr)
+        return 2
     if args.emit == "ast":
         from .dump import dump_ast
 
@@ -145,13 +149,9 @@ def cmd_compile(args) -> int:
 
         sys.stdout.write(dump_ir(result.program))
         return 0
+    from .codegen import compile_program, write_package
     from .diagnostics import CodegenError
 
-    try:
-        from .codegen import compile_program, write_package
-    except ImportError as e:  # pragma: no cover - only while codegen is absent
-        print(f"nlc compile: code generation is unavailable ({e})", file=sys.stderr)
-        return 1
     try:
         if args.emit == "py" and not args.output:
             sys.stdout.write(compile_program(result.program).model_source)
@@ -161,6 +161,9 @@ def cmd_compile(args) -> int:
     except CodegenError as e:
         _print_diags(e.diagnostics, sources, "text", sys.stderr)
         return 1
+    except OSError as e:
+        print(f"nlc: error: NL901 cannot write {args.output or '.'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
     return 0
@@ -203,16 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands defined in other modules (train, eval, viz, bench), when present."""
-    out = []
-    for mod in ("nlc.train_cli", "nlc.viz.cli", "nlc.bench"):
-        try:
-            m = __import__(mod, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        if hasattr(m, "add_parser"):
-            out.append(m.add_parser)
-    return out
+    """Subcommands defined in their own modules: train and eval, viz, bench."""
+    from . import bench, train_cli
+    from .viz import cli as viz_cli
+
+    return [train_cli.add_parser, viz_cli.add_parser, bench.add_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 * Templates live in ``codegen_templates/`` (found by :mod:`nlc._resources`) and are rendered with
   ``StrictUndefined``: a missing plan field is an error, never an empty string.
 * The output is deterministic (same spec → same bytes), parsed with :func:`ast.parse` before it
-  is returned, wrapped to 100 columns, and carries ``# <spec>.nl:LINE`` comments.
+  is returned, wrapped to 100 columns where a statement can be split, and carries
+  ``# <spec>.nl:LINE`` comments.
 * :func:`load_program` executes the generated module under a synthetic file name registered in
   :mod:`linecache`, so tracebacks and ``inspect`` show the generated lines.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import ast as pyast
 import functools
-import importlib.util
 import linecache
 import os
 import re
@@ -27,9 +27,7 @@ import jinja2
 
 from . import ir
 from ._resources import templates_dir
-from .diagnostics import CodegenError, Diagnostic
 from .lower import ModelPlan, lower
-from .source import Span
 
 __all__ = ["CompiledSpec", "compile_program", "write_package", "load_program", "render_train"]
 
@@ -180,31 +178,33 @@ def render_train(plan: ModelPlan) -> str:
 def compile_program(program: ir.Program) -> CompiledSpec:
     """Lower and render a verified program. Raises CodegenError (NL904) for unlowered constructs."""
     plan = lower(program)
-    model = render_model(plan)
-    try:
-        train = render_train(plan)
-    except jinja2.TemplateNotFound:
-        train = ""
-    return CompiledSpec(program, plan, model, train)
+    return CompiledSpec(program, plan, render_model(plan), render_train(plan))
 
 
-def write_package(program: ir.Program, out_dir: str | Path) -> list[Path]:
-    """Write model.py and train.py (and the spec) into ``out_dir``; returns the paths written."""
-    compiled = compile_program(program)
+def write_package(program: ir.Program, out_dir: str | Path, compiled: CompiledSpec | None = None) -> list[Path]:
+    """Write model.py and train.py (and the spec) into ``out_dir``; returns the paths written.
+
+    Each file is written atomically (a temporary file in the folder, then renamed), readable by all.
+    """
+    compiled = compiled or compile_program(program)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    files = {"model.py": compiled.model_source}
-    if compiled.train_source:
-        files["train.py"] = compiled.train_source
+    files = {"model.py": compiled.model_source, "train.py": compiled.train_source}
     if program.source is not None:
         files[compiled.plan.spec_file] = program.source.text
     for name, text in files.items():
         path = out / name
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=str(out))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         written.append(path)
     return written
 

@@ -112,8 +112,8 @@ OUTER_RULES: dict[str, ArgSpec] = {
 }
 
 OPTIMIZER_RULES: dict[str, ArgSpec] = {
-    "gd": ArgSpec({**_OPT_COMMON, "decay": ("num", 0.9), "nesterov": (BOOL, "no")}, required=("lr",),
-                  doc="momentum as a memory of gradients: m ← α m − η ∇; W ← W + m"),
+    "gd": ArgSpec({**_OPT_COMMON, "decay": ("num", 0.0), "nesterov": (BOOL, "no")}, required=("lr",),
+                  doc="a memory of gradients trained by GD: m ← α m − η ∇; W ← W + m (α = decay: momentum)"),
     "delta": ArgSpec({**_OPT_COMMON, "decay": ("num", 0.9), "form": ("name:nl|nips", "nl")},
                      required=("lr",), doc="delta momentum (paper eq 48-49)"),
     "dmgd": ArgSpec({**_OPT_COMMON, "decay": ("num", 0.9), "hidden": ("int", 8), "inner_lr": ("num", 0.01)},

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 __all__ = ["add_parser", "cmd_eval", "cmd_train"]
@@ -120,6 +121,34 @@ def _torchrun(script: Path, argv: list[str], nproc: int) -> int:
         os.environ.update(env_before)
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _device(name: str):
+    """``auto | cpu | cuda | cuda:N`` as a torch device; ValueError with the allowed forms."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r} (hint: auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (hint: --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r} (hint: auto, cpu, cuda or cuda:N)")
+    return dev
+
+
 def _out_dir(rest: list[str], default: str) -> str:
     for i, a in enumerate(rest):
         if a == "--out" and i + 1 < len(rest):
@@ -133,9 +162,10 @@ def _out_dir(rest: list[str], default: str) -> str:
 
 
 def cmd_train(args) -> int:
-    from .codegen import write_package
+    from .codegen import compile_program, write_package
     from .diagnostics import CodegenError, render
     from .pipeline import check_file
+    from .runtime.checkpoint import find_checkpoint
 
     result = check_file(args.file)
     sources = {result.source.name: result.source} if result.source else {}
@@ -155,18 +185,29 @@ def cmd_train(args) -> int:
         if "WORLD_SIZE" in os.environ:
             return _error("--nproc starts torchrun itself, and this process already runs under torchrun "
                           "(hint: drop --nproc, or run nlc train outside torchrun)")
-    out = _out_dir(rest, f"runs/{program.name}")
-    if not any(a == "--out" or a.startswith("--out=") for a in rest):
-        rest = ["--out", out] + rest
     try:
-        write_package(program, out)
+        compiled = compile_program(program)
     except CodegenError as e:
         print(render(e.diagnostics, sources), file=sys.stderr)
         return 1
+    if any(a in ("-h", "--help") for a in rest):  # the flags of train.py, without touching any run folder
+        with tempfile.TemporaryDirectory() as tmp:
+            write_package(program, tmp, compiled)
+            return int(_import(Path(tmp) / "train.py", "_nlc_train_").main(["--help"]) or 0)
+    out = _out_dir(rest, f"runs/{program.name}")
+    if not any(a == "--out" or a.startswith("--out=") for a in rest):
+        rest = ["--out", out] + rest
+    previous = Path(out) / "model.py"
+    if (previous.is_file() and previous.read_text(encoding="utf-8") != compiled.model_source
+            and find_checkpoint(out) is not None and "--overwrite" not in rest):
+        return _error(f"{out} holds a run of another spec (or of another nlc version); its model.py is kept "
+                      "(hint: choose another --out, or --overwrite to start that folder over)", "NL903")
+    try:
+        write_package(program, out, compiled)
     except OSError as e:
         return _error(f"cannot write the run folder {out}: {e.strerror or e}")
     train = _import(Path(out) / "train.py", "_nlc_train_")
-    if nproc is None or any(a in ("-h", "--help") for a in rest):
+    if nproc is None:
         return int(train.main(rest) or 0)
     status = train.check_launch(rest, nproc)  # errors once, here, rather than once per rank
     if status:
@@ -209,22 +250,29 @@ def cmd_eval(args) -> int:
     except Exception as e:  # noqa: BLE001 - a broken model.py is the user's file
         return _error(f"cannot load {model_py}: {type(e).__name__}: {e}", "NL903")
     tc = dict(ckpt.get("train_config") or {})
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = module.ModelConfig(**{k: v for k, v in (ckpt.get("model_config") or {}).items()
-                                if k in module.ModelConfig.__dataclass_fields__})
-    model = module.Model(cfg)
-    model.load_state_dict(ckpt["model"])
-    if ckpt.get("memory") and hasattr(model, "load_memory_state_dict"):
-        model.load_memory_state_dict(ckpt["memory"])
+    try:
+        device = _device(args.device)
+    except ValueError as e:
+        return _error(str(e))
+    try:
+        cfg = module.ModelConfig(**{k: v for k, v in (ckpt.get("model_config") or {}).items()
+                                    if k in module.ModelConfig.__dataclass_fields__})
+        model = module.Model(cfg)
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("memory") and hasattr(model, "load_memory_state_dict"):
+            model.load_memory_state_dict(ckpt["memory"])
+    except Exception as e:  # noqa: BLE001 - a checkpoint that does not fit its model.py
+        return _error(f"the checkpoint does not fit {model_py}: {type(e).__name__}: {str(e)[:300]}", "NL903")
     model.to(device).eval()
     data = args.data if args.data is not None else tc.get("data")
     kind = tc.get("task", "lm")
-    seq_len = args.seq_len or tc.get("seq_len", cfg.seq_len)
+    seq_len = args.seq_len if args.seq_len is not None else tc.get("seq_len", cfg.seq_len)
     try:
         text = kind == "lm" or (kind == "continual" and tc.get("continual_kind", "perm") == "perm")
         corpus = load_corpus(data, min_split_bytes=seq_len + 1) if text else None
         task = make_task(kind, model_vocab=cfg.vocab_size, seq_len=seq_len, batch_size=tc.get("batch_size", 8),
-                         seed=tc.get("seed", 1337), eval_batches=args.eval_batches or tc.get("eval_batches", 20),
+                         seed=tc.get("seed", 1337),
+                         eval_batches=args.eval_batches if args.eval_batches is not None else tc.get("eval_batches", 20),
                          steps=tc.get("steps", 1), corpus=corpus, mqar_pairs=tc.get("mqar_pairs", 8),
                          mqar_vocab=tc.get("mqar_vocab"), continual_kind=tc.get("continual_kind", "perm"),
                          num_tasks=tc.get("num_tasks", 3), task_steps=tc.get("task_steps"))
@@ -304,8 +352,8 @@ def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint: loss, bits per byte, MQAR accuracy, continual matrix")
     e.add_argument("checkpoint", metavar="CKPT", help="a run folder of `nlc train`, or its ckpt.pt / ckpt.dcp")
     e.add_argument("--data", metavar="PATH", help="evaluate on this text instead of the run's data")
-    e.add_argument("--seq-len", type=int, help="sequence length (default: the run's)")
-    e.add_argument("--eval-batches", type=int, help="batches to evaluate (default: the run's)")
+    e.add_argument("--seq-len", type=_positive, help="sequence length (default: the run's)")
+    e.add_argument("--eval-batches", type=_positive, help="batches to evaluate (default: the run's)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--ttl", action="store_true", help="also evaluate with test-time learning (memories persist)")
     e.add_argument("--format", choices=("text", "json"), default="text")

@@ -391,8 +391,8 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         else:
             upd.append(Line(f"target = nl_flows.tile(nl_flows.heads({value}, {H}), {S})"))
         read_kw = f", read={lv.read_mode!r}" if lv.read_mode != "chunk" else ""
-        upd.append(Line(f"# rule {lv.rule}: closed-form inner gradients at the chunk-start state, exact chunk form; "
-                        f"all {S} memories at once", 0, _line_comment(program, lv.clause_span("rule"))))
+        upd.append(Line(f"# rule {lv.rule} for all {S} memories at once: closed-form inner gradients at the "
+                        "chunk-start state", 0, _line_comment(program, lv.clause_span("rule"))))
         tiled = [f"nl_flows.tile({g}, {S})" if g != "None" else "None" for g in (eta, alpha, beta)]
         upd.append(Line(
             f"y, {w}, {ws if momentum else '_'} = nl_chunk.chunk_step({em.batch_spec}, {lv.objective!r}, {rule_c}, "
@@ -439,8 +439,9 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     body.append(Line(f"return (({unpack_states}), ({', '.join(moms)}{',' if len(moms) == 1 else ''})), y"))
     cls.methods.append(("chunk", "state, xs", [
         f"One chunk of at most {C} tokens: read at the chunk-start states, then update every state.",
-        "", "state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the",
-        "whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).",
+        "", "state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of",
+        "the whole-sequence flows, each [B, H', C, w].",
+        "Returns (the state at the chunk end, y [B, heads, C, w]).",
     ], body))
 
     # ---- start(): the state a sequence starts from ---------------------------------------------

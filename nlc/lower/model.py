@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .. import ir
+from .. import ir, options
 from .levels import lower_attention, lower_in_context, lower_static
 from .plan import Attr, ClassPlan, Line, ModelPlan, Namespace, OptimizerPlan, camel, fail, line_comment, num
 
@@ -13,9 +13,17 @@ __all__ = ["lower"]
 _NORMS = {"rms": "nl_ops.RMSNorm({d})", "layer": "nn.LayerNorm({d}, bias=False)", "none": "nn.Identity()"}
 
 
-def _hyper(lv: ir.Level, name: str, default):
+def _hyper(lv: ir.Level, name: str, default=None):
+    """A rule argument as stated, else its default from the one table of nlc.options."""
     h = lv.rule_arg(name)
-    return h.value if h is not None else default
+    if h is not None:
+        return h.value
+    for table in (options.OPTIMIZER_RULES, options.OUTER_RULES) if lv.kind is ir.LevelKind.OPTIMIZER \
+            else (options.OUTER_RULES, options.OPTIMIZER_RULES):
+        spec = table.get(lv.rule)
+        if spec is not None and name in spec.kwargs and spec.kwargs[name][1] is not None:
+            return spec.kwargs[name][1]
+    return default
 
 
 def _yes(v) -> bool:
@@ -59,8 +67,8 @@ def _optimizer_code(program: ir.Program, owner: ir.Level, rule_level: ir.Level) 
         return (f"torch.optim.SGD(groups, lr={lr}, momentum={num(_hyper(lv, 'momentum', 0.0))}, "
                 f"nesterov={_yes(_hyper(lv, 'nesterov', 'no'))}, weight_decay={wd})")
     if r == "muon":
-        return (f"nl_optim.MomentumMemory(groups, lr={lr}, decay={num(_hyper(lv, 'momentum', 0.95))}, "
-                f"weight_decay={wd}, output='newton_schulz', ns_steps={int(_hyper(lv, 'ns_steps', 5))})")
+        return (f"nl_optim.Muon(groups, lr={lr}, decay={num(_hyper(lv, 'momentum', 0.95))}, "
+                f"weight_decay={wd}, ns_steps={int(_hyper(lv, 'ns_steps', 5))})")
     if r == "m3":
         return _m3(lv, lr, wd, "")
     fail(lv.clause_span("rule"), f"rule `{r}` of level `{owner.name}` is not lowered")

@@ -339,7 +339,7 @@ def _period_count(ctx, value, unit, span, allow: set) -> int | None:
         return None
     if u not in allow:
         ctx.err("NL406", f"a reset counts `tokens`, not `{unit.text}`", unit.span,
-                f"write `reset every N tokens`")
+                "write `reset every N tokens`")
         return None
     if v is None:
         return None

@@ -342,7 +342,7 @@ def chunk_schedule(T: int, C: int) -> list[tuple[int, int]]:
 
     ``[(0, C), (C, 2C), …]``. If ``C`` does not divide ``T``, the **last chunk is partial**,
     ``(C·⌊T/C⌋, T)``, and it is applied at the end of the sequence like any other chunk. It
-    is never dropped and never padded (DESIGN §3.3). ``T = 0`` gives ``[]``. ``T`` and ``C``
+    is never dropped and never padded (``docs/semantics.md``). ``T = 0`` gives ``[]``. ``T`` and ``C``
     are Python ints (codegen-time constants), so under ``torch.compile`` a loop over the
     schedule unrolls.
     """

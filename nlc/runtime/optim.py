@@ -184,9 +184,11 @@ __all__ = [
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 #: Newton–Schulz polynomial coefficients ``(a, b, c)`` of ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``.
-#: ``quintic`` is Muon's: it pushes singular values into about [0.68, 1.2] in 5 steps, fast but
-#: not exactly to 1. ``cubic`` is the classic iteration, which converges to the exact polar
-#: factor (σ → 1) for 0 < σ < √3, slowly for small σ.
+#: ``quintic`` is the polynomial of the Muon optimizer (K. Jordan et al., 2024, "Muon: an
+#: optimizer for hidden layers in neural networks"; coefficients 3.4445, -4.7750, 2.0315): it
+#: pushes singular values into about [0.68, 1.2] in 5 steps, fast but not exactly to 1.
+#: ``cubic`` is the classic iteration, which converges to the exact polar factor (σ → 1) for
+#: 0 < σ < √3, slowly for small σ.
 NS_COEFFICIENTS: dict[str, tuple[float, float, float]] = {
     "quintic": (3.4445, -4.7750, 2.0315),
     "cubic": (1.5, -0.5, 0.0),

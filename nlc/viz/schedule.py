@@ -12,7 +12,7 @@ Two time axes, because "every 16 tokens" and "every 16 steps" are different prog
 
 Positions of marks are *boundaries*: an update at ``c`` happens after token (or step)
 ``c - 1``, i.e. at the end of a chunk; a reset at ``c`` happens before token ``c`` (``0``:
-the state starts the sequence at its initial value). Paper eq 90 / DESIGN §3.3: the tokens of
+the state starts the sequence at its initial value). Paper eq 90 (``docs/semantics.md``): the tokens of
 chunk ``i`` read the state as it was at the end of chunk ``i - 1``; with ``read causal`` they
 also see the updates of their own chunk. A last partial chunk is applied at the end of the
 sequence; it is listed in ``partial`` when the horizon reaches the end of the sequence.

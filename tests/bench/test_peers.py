@@ -48,7 +48,6 @@ def rows(doc, **match):
 
 def test_transformer_section_on_cpu(tmp_path):
     doc, out, elapsed = run_peers(tmp_path, "--sections", "transformer")
-    assert elapsed < 60
     check = rows(doc, section="transformer", variant="check")
     assert check and check[0]["status"] == "passed" and check[0]["check"]["out_rel"] < 1e-3
     timed = {r["impl"]: r for r in rows(doc, section="transformer", status="ok") if r["variant"] != "ratio"}

@@ -129,7 +129,7 @@ def level_specs(draw):
     text = SPEC.format(
         d=d, heads=heads, w=w, per_head="per head " if per_head else "",
         memory=draw(st.sampled_from(sorted(MEMORIES.values()))),
-        outw=f"heads * w" if per_head else "w",
+        outw="heads * w" if per_head else "w",
         objective=draw(st.sampled_from(["l2", "dot", "huber"])),
         rule=RULES[rule].format(lr=lr, decay=decay, mom=mom),
         period=period, read=draw(st.sampled_from(["chunk", "causal"])),

@@ -79,8 +79,8 @@ def test_reset_never_continues_the_sequence():
     m.carry = None
     first, second = m(x[:, :8]), m(x[:, 8:])  # two calls of 8 tokens, state carried over
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-10, atol=1e-12)
-    m.carry = None
-    assert torch.equal(m(x[:, :8]), first)  # reset_memory() restores the initial state
+    m.carry = None  # what Model.reset_memory() does to every level (test_model_level_controls)
+    assert torch.equal(m(x[:, :8]), first)  # dropping the carried state restarts from the initial one
 
 
 def test_test_time_learning_flag_persists_a_per_sequence_level():

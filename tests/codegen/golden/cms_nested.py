@@ -143,8 +143,9 @@ class OuterLevel(nn.Module):
     def chunk(self, state, xs):
         """One chunk of at most 64 tokens: read at the chunk-start states, then update every state.
 
-        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
-        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
+        the whole-sequence flows, each [B, H', C, w].
+        Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (outer,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
@@ -238,8 +239,9 @@ class InnerLevel(nn.Module):
     def chunk(self, state, xs):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
-        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
-        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
+        the whole-sequence flows, each [B, H', C, w].
+        Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (inner,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens

@@ -141,8 +141,9 @@ class TitansLevel(nn.Module):
     def chunk(self, state, xs):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
-        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
-        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
+        the whole-sequence flows, each [B, H', C, w].
+        Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (w,), _ = state
         x_c, query_c = xs  # this chunk's tokens
@@ -159,7 +160,7 @@ class TitansLevel(nn.Module):
         # target self: each memory is trained towards its own view of the values (eq 84-85)
         target = nl_mem.forward(TITANS_MEMORY, w, nl_flows.tile(nl_flows.heads(value_c, 4), 5))
         # hope.nl:43  rule dgd(lr = lr, decay = retain)
-        # rule dgd: closed-form inner gradients at the chunk-start state, exact chunk form; all 5 memories at once
+        # rule dgd for all 5 memories at once: closed-form inner gradients at the chunk-start state
         y, w, _ = nl_chunk.chunk_step(
             TITANS_MEMORY,
             'l2',
@@ -246,8 +247,9 @@ class FastLevel(nn.Module):
     def chunk(self, state, xs):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
-        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
-        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
+        the whole-sequence flows, each [B, H', C, w].
+        Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (fast,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
@@ -335,8 +337,9 @@ class MidLevel(nn.Module):
     def chunk(self, state, xs):
         """One chunk of at most 64 tokens: read at the chunk-start states, then update every state.
 
-        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
-        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
+        the whole-sequence flows, each [B, H', C, w].
+        Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (mid,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens

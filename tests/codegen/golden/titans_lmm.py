@@ -152,8 +152,9 @@ class MemoryLevel(nn.Module):
     def chunk(self, state, xs):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
-        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of the
-        whole-sequence flows, each [B, H', C, w]. Returns (state at the chunk end, y [B, heads, C, w]).
+        state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
+        the whole-sequence flows, each [B, H', C, w].
+        Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (memory,), (memory_s,) = state
         key_c, value_c, query_c, theta_c, retain_c, eta_c = xs  # this chunk's tokens
