@@ -21,10 +21,6 @@ from .diagnostics import Diagnostic, render, to_json
 __all__ = ["main"]
 
 
-class _UsageError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors: code NL901, exit 2, no traceback
         self.print_usage(sys.stderr)

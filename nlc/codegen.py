@@ -157,9 +157,16 @@ def _finish(source: str, what: str) -> str:
     return source
 
 
+_RUNTIME = (("chunk", "nl_chunk"), ("chunks", "nl_chunks"), ("flows", "nl_flows"), ("memories", "nl_mem"),
+            ("model", "nl_model"), ("ops", "nl_ops"), ("optim", "nl_optim"))
+
+
 def render_model(plan: ModelPlan) -> str:
     _prepare(plan)
-    return _finish(_env().get_template("model.py.j2").render(plan=plan), "model.py")
+    source = _env().get_template("model.py.j2").render(plan=plan)
+    used = [f"from nlc.runtime import {mod} as {alias}" for mod, alias in _RUNTIME
+            if re.search(rf"\b{alias}\.", source)]  # import only the runtime modules the model uses
+    return _finish(source.replace("@@RUNTIME_IMPORTS@@", "\n".join(used)), "model.py")
 
 
 def render_train(plan: ModelPlan) -> str:

@@ -410,8 +410,6 @@ class Program:
         """The first block named ``name`` (O(1))."""
         return self._index[3].get(name)
 
-    def levels_of(self, kind: LevelKind) -> list[Level]:
-        return [lv for lv in self.levels if lv.kind is kind]
 
 
 def is_int(v) -> bool:
@@ -422,6 +420,3 @@ def is_int(v) -> bool:
         return True
     return isinstance(v, sympy.Basic) and v.is_integer is True
 
-
-def as_int(v) -> int | None:
-    return int(v) if is_int(v) else None

@@ -154,9 +154,3 @@ def num(v) -> str:
         pass
     f = float(v)
     return repr(int(f)) if f.is_integer() and abs(f) < 1e15 and not isinstance(v, float) else repr(f)
-
-
-def _int(v) -> int:
-    return int(v)
-
-

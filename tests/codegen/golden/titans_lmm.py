@@ -21,7 +21,6 @@ from nlc.runtime import flows as nl_flows
 from nlc.runtime import memories as nl_mem
 from nlc.runtime import model as nl_model
 from nlc.runtime import ops as nl_ops
-from nlc.runtime import optim as nl_optim
 
 SPEC = {
     "name": 'titans_lmm',

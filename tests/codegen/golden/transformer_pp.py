@@ -15,13 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nlc.runtime import chunk as nl_chunk
-from nlc.runtime import chunks as nl_chunks
 from nlc.runtime import flows as nl_flows
 from nlc.runtime import memories as nl_mem
 from nlc.runtime import model as nl_model
 from nlc.runtime import ops as nl_ops
-from nlc.runtime import optim as nl_optim
 
 SPEC = {
     "name": 'transformer_pp',
