@@ -694,6 +694,8 @@ def run_bench(
     steps: int = 20,
     warmup: int = 10,
     compile: bool | None = None,  # noqa: A002 - mirrors the flag
+    compile_scope: str = "auto",
+    cuda_graphs: bool | None = None,
     fullgraph: bool = True,
     dtype: str | None = None,
     device: str = "auto",
@@ -705,8 +707,12 @@ def run_bench(
     """Benchmark training steps of a spec; returns the result as a JSON-ready dict.
 
     ``compile=None``: on for CUDA, off for the CPU (as the generated train.py). ``dtype=None``:
-    bf16 autocast on CUDA, fp32 on the CPU. ``compile_times``: measure the cold compile in an
-    empty temporary inductor cache and the warm compile after ``torch._dynamo.reset()``.
+    bf16 autocast on CUDA, fp32 on the CPU. ``compile_scope``: ``full`` (the whole model),
+    ``regional`` (:mod:`nlc.runtime.regional`) or ``auto`` (regional when the model has in-context
+    levels, as train.py). ``cuda_graphs``: replay in-context levels from CUDA graphs
+    (:mod:`nlc.runtime.graphs`; ``None``: as train.py, on for CUDA with regional compile).
+    ``compile_times``: measure the cold compile in an empty temporary
+    inductor cache and the warm compile after ``torch._dynamo.reset()``.
     """
     import torch
 
@@ -718,6 +724,8 @@ def run_bench(
     if dtype not in PEAK_TFLOPS:
         raise BenchError(f"--dtype must be one of {', '.join(PEAK_TFLOPS)}, got {dtype!r}")
     use_compile = compile if compile is not None else dev.type == "cuda"
+    if compile_scope not in ("auto", "full", "regional"):
+        raise BenchError(f"--compile-scope must be auto, full or regional, got {compile_scope!r}")
     loaded = load_spec(spec, dims, seq_len)
     program = loaded.program
     T = int(seq_len or program.seq or 256)
@@ -742,6 +750,7 @@ def run_bench(
             "warmup": warmup,
             "dtype": dtype,
             "compile": use_compile,
+            "compile_scope": None,
             "fullgraph": fullgraph if use_compile else None,
             "seed": seed,
         },
@@ -759,6 +768,21 @@ def run_bench(
         cfg = dataclasses.replace(cfg, seq_len=T)
     model = loaded.Model(cfg).to(dev)
     model.train()
+    if use_compile:
+        from .runtime.regional import has_in_context
+
+        if compile_scope == "auto":
+            compile_scope = "regional" if has_in_context(model) else "full"
+        result["config"]["compile_scope"] = compile_scope
+        if compile_scope == "regional":
+            result["config"]["fullgraph"] = True  # every region is compiled with fullgraph=True
+    from .runtime.distributed import DistributedError, use_graphs
+
+    try:
+        graphs = use_graphs(cuda_graphs, model, dev, compile_scope if use_compile else "off", "none")
+    except DistributedError as e:
+        raise BenchError(str(e)) from None
+    result["config"]["cuda_graphs"] = graphs
     optimizers = module.build_optimizers(model)
     periods = (
         [int(p) for p in module.optimizer_periods()] if hasattr(module, "optimizer_periods") else [1] * len(optimizers)
@@ -789,10 +813,40 @@ def run_bench(
 
     comp: dict[str, Any] = {"enabled": use_compile}
     result["chunk_steps_per_forward"] = chunk_steps_per_forward(program, T)
+    if graphs and not (use_compile and compile_scope == "regional"):
+        from .runtime.graphs import graph_levels
+
+        graph_levels(model)  # eager levels in graphs (--no-compile --cuda-graphs)
     cache_ctx = fresh_compile_cache() if (use_compile and compile_times) else contextlib.nullcontext()
     with cache_ctx:
         first_s = warm_s = None
-        if use_compile:
+        if use_compile and compile_scope == "regional":
+            import torch._dynamo
+
+            from .runtime.regional import compile_regions
+
+            breaks0 = _counter_total("graph_break")
+            regions = compile_regions(model)
+            comp["regions"] = len(regions)
+            if graphs:
+                from .runtime.graphs import graph_levels
+
+                graph_levels(model)
+            log(f"compiling {len(regions)} regions{' (empty inductor cache)' if compile_times else ''}")
+            t0 = time.perf_counter()
+            step()
+            _sync(dev)
+            first_s = time.perf_counter() - t0
+            comp["fullgraph_ok"] = True
+            comp["graph_breaks"] = _counter_total("graph_break") - breaks0
+            if compile_times and not graphs:  # (captured levels replay without dynamo: nothing to time)
+                log("warm compile (same cache, after torch._dynamo.reset())")
+                torch._dynamo.reset()
+                t0 = time.perf_counter()
+                step()
+                _sync(dev)
+                warm_s = time.perf_counter() - t0
+        elif use_compile:
             import torch._dynamo
 
             breaks0 = _counter_total("graph_break")
@@ -911,7 +965,8 @@ def format_table(r: dict) -> str:
         f"card {env['device_name']} | torch {env['torch']} | triton {env['triton'] or '-'} | {env['date']}"
         + f" | nlc {env.get('commit') or '-'} (tree {env.get('tree') or '-'})",
         f"batch {cfg['batch_size']} x seq {cfg['seq_len']} = {cfg['tokens_per_step']:,} tokens/step | {cfg['dtype']}"
-        f"{' autocast' if cfg['dtype'] == 'bf16' else ''} | compile {'on' if cfg['compile'] else 'off'}"
+        f"{' autocast' if cfg['dtype'] == 'bf16' else ''} | compile {(cfg.get('compile_scope') or 'full') if cfg['compile'] else 'off'}"
+        f"{' + cuda graphs' if cfg.get('cuda_graphs') else ''}"
         f" | {t['steps']} steps after {cfg['warmup']} warm-up",
         "",
         "| metric | value |",
@@ -1006,6 +1061,19 @@ def add_parser(sub) -> None:
         help="torch.compile the model with fullgraph=True (default: on for CUDA, off for the CPU)",
     )
     b.add_argument(
+        "--compile-scope",
+        choices=("auto", "full", "regional"),
+        default="auto",
+        help="full: the whole model; regional: each chunk step and each block without in-context levels "
+        "(default auto: regional when the model has in-context levels, as train.py)",
+    )
+    b.add_argument(
+        "--cuda-graphs",
+        action=argparse_bool(),
+        default=None,
+        help="replay in-context levels from CUDA graphs (default: on for CUDA with regional compile, as train.py)",
+    )
+    b.add_argument(
         "--compile-times",
         action=argparse_bool(),
         default=True,
@@ -1053,6 +1121,8 @@ def cmd_bench(args) -> int:
             steps=args.steps,
             warmup=args.warmup,
             compile=args.compile,
+            compile_scope=args.compile_scope,
+            cuda_graphs=args.cuda_graphs,
             dtype=args.dtype,
             device=args.device,
             compile_times=args.compile_times,

@@ -71,6 +71,15 @@ def _slice(xs, a: int, b: int):
     return tuple(x[..., a:b, :] for x in xs)
 
 
+def _pieces(xs, a: int, b: int, C: int) -> list[tuple]:
+    """The chunks of tokens ``[a, b)`` of every tensor of ``xs``, one tuple per chunk (the last may
+    be partial). One ``split`` per tensor, so the backward joins the chunk gradients with one
+    concatenation instead of one full-length zero-padded gradient per chunk."""
+    T = xs[0].shape[-2]
+    seg = xs if (a, b) == (0, T) else _slice(xs, a, b)
+    return list(zip(*(x.split(C, dim=-2) for x in seg)))
+
+
 def _use_scan() -> bool:
     # NLC_CHUNK_SCAN=0 unrolls the chunks in the compiled graph too (compile time grows with T/C)
     return torch.compiler.is_compiling() and os.environ.get("NLC_CHUNK_SCAN", "1") != "0"
@@ -95,17 +104,15 @@ def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int
         if n_full >= 2 and _use_scan() and not keep_states:
             state, y = _scan(step, state, _slice(xs, s0, full_end), n_full, C)
             ys.append(y)
+            if full_end < s1:  # the last partial chunk, applied at the end of the sequence
+                state, y = step(state, _slice(xs, full_end, s1))
+                ys.append(y)
         else:
-            for c0 in range(s0, full_end, C):
+            for piece in _pieces(xs, s0, s1, C):  # full chunks, then the partial one if any
                 if keep_states:
                     kept.append(state)
-                state, y = step(state, _slice(xs, c0, c0 + C))
+                state, y = step(state, piece)
                 ys.append(y)
-        if full_end < s1:  # the last partial chunk, applied at the end of the sequence
-            if keep_states:
-                kept.append(state)
-            state, y = step(state, _slice(xs, full_end, s1))
-            ys.append(y)
     return state, torch.cat(ys, dim=-2) if len(ys) > 1 else ys[0], kept
 
 

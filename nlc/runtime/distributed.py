@@ -68,10 +68,12 @@ __all__ = [
     "place_state",
     "plan",
     "preflight",
+    "resolve_scope",
     "seed_rank_streams",
     "shard_batch",
     "shard_like",
     "split_memory",
+    "use_graphs",
     "wrap_model",
 ]
 
@@ -433,10 +435,47 @@ def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return out
 
 
-def wrap_model(model: torch.nn.Module, ctx: Context, *, compile: bool) -> tuple[Callable, Callable]:
+def resolve_scope(model: torch.nn.Module, scope: str) -> str:
+    """``full`` or ``regional`` for ``--compile-scope``: ``auto`` is regional when the model has
+    in-context levels (the chunk loop stays eager around a compiled chunk step:
+    :mod:`nlc.runtime.regional`), else full."""
+    if scope not in ("auto", "full", "regional"):
+        raise DistributedError(f"unknown compile scope {scope!r}", "use auto, full or regional")
+    if scope != "auto":
+        return scope
+    from .regional import has_in_context
+
+    return "regional" if has_in_context(model) else "full"
+
+
+def use_graphs(flag: bool | None, model: torch.nn.Module, device: torch.device, scope: str, parallel: str) -> bool:
+    """Whether to replay in-context levels from CUDA graphs (``--cuda-graphs``).
+
+    ``None`` (the default): on for CUDA with regional compile when the model has in-context
+    levels, except under FSDP (whose sharded parameters and unit hooks a captured graph cannot
+    follow). An explicit ``True`` where graphs cannot work is an error."""
+    from .regional import has_in_context
+
+    possible = device.type == "cuda" and parallel != "fsdp" and has_in_context(model)
+    if flag is None:
+        return possible and scope == "regional"
+    if flag and not possible:
+        why = ("it needs a CUDA device" if device.type != "cuda" else "not under --parallel fsdp"
+               if parallel == "fsdp" else "the model has no in-context level")
+        raise DistributedError(f"--cuda-graphs: {why}", "drop --cuda-graphs")
+    if flag and scope == "full":
+        raise DistributedError("--cuda-graphs does not combine with a whole-model compile",
+                               "use --compile-scope regional (or --no-compile) with --cuda-graphs")
+    return bool(flag)
+
+
+def wrap_model(model: torch.nn.Module, ctx: Context, *, compile: bool | str) -> tuple[Callable, Callable]:
     """``(train_forward, eval_forward)`` for the plan; the model is moved to the device.
 
-    * none: ``torch.compile(model, fullgraph=True)`` or the model.
+    ``compile``: ``"full"`` (or ``True``): ``torch.compile(model, fullgraph=True)``;
+    ``"regional"``: :func:`nlc.runtime.regional.compile_regions`; ``"off"`` (or ``False``): eager.
+
+    * none: the (compiled) model.
     * ddp: ``DistributedDataParallel`` around the (compiled) model, ``broadcast_buffers=False``
       (the generated models' buffers are per-rank diagnostics) and ``static_graph=True``: the
       set of parameters that get a gradient is fixed for a run (it depends on the spec and the
@@ -444,9 +483,16 @@ def wrap_model(model: torch.nn.Module, ctx: Context, *, compile: bool) -> tuple[
       learns it in the first step instead of searching the graph every step; a parameter no
       rank uses keeps ``grad = None``, as in one process. Evaluation runs the inner module.
     * fsdp: FSDP2 ``fully_shard`` on every unit of :func:`fsdp_units` (each unit's ``forward``
-      compiled first when ``compile``), then on the root. Parameters become ``DTensor`` shards
-      on ``ctx.device``.
+      compiled first when ``full``; the regions compiled first when ``regional``), then on the
+      root. Parameters become ``DTensor`` shards on ``ctx.device``.
     """
+    scope = {True: "full", False: "off"}.get(compile, compile)
+    if scope not in ("full", "regional", "off"):
+        raise DistributedError(f"unknown compile scope {compile!r}", "use full, regional or off")
+    if scope == "regional":
+        from .regional import compile_regions
+
+        compile_regions(model)
     if ctx.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -455,13 +501,13 @@ def wrap_model(model: torch.nn.Module, ctx: Context, *, compile: bool) -> tuple[
             raise DistributedError(f"--parallel fsdp cannot shard 0-dim parameters ({', '.join(scalars[:3])})",
                                    "use --parallel ddp for this model")
         for unit in fsdp_units(model):
-            if compile:
+            if scope == "full":
                 unit.forward = torch.compile(unit.forward, fullgraph=True)
             fully_shard(unit, mesh=ctx.mesh)
         fully_shard(model, mesh=ctx.mesh, reshard_after_forward=False)  # moves every parameter and buffer to the device
         return model, model
     model.to(ctx.device)
-    inner = torch.compile(model, fullgraph=True) if compile else model
+    inner = torch.compile(model, fullgraph=True) if scope == "full" else model
     if ctx.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -159,6 +159,8 @@ def test_existing_checkpoint_needs_resume_or_overwrite(run_dir, train_module, ca
     (["--data", "/no/such/place"], "no such file or folder"),
     (["--task", "mqar", "--mqar-pairs", "20"], "too short"),
     (["--device", "tpu"], "--device"),
+    (["--compile-scope", "everything"], "invalid choice"),
+    (["--device", "cpu", "--cuda-graphs"], "needs a CUDA device"),
 ])
 def test_bad_flags_exit_2_with_one_line(train_module, run_dir, capsys, argv, needle):
     assert train_module.main([*argv, "--out", str(run_dir / "bad"), *FAST]) == 2
@@ -272,9 +274,12 @@ def test_ttl_evaluation(run_dir, train_module):
 
 
 @pytest.mark.slow
-def test_compiled_run(run_dir):
-    r = run_script(run_dir, "--steps", "6", "--compile", "--out", "compiled", *FAST, timeout=900)
+@pytest.mark.parametrize("scope", ["full", "regional"])
+def test_compiled_run(run_dir, scope):
+    r = run_script(run_dir, "--steps", "6", "--compile", "--compile-scope", scope, "--out", f"compiled_{scope}", *FAST,
+                   timeout=900)
     assert r.returncode == 0, r.stderr
+    assert json.loads((run_dir / f"compiled_{scope}" / "config.json").read_text())["compile"] == scope
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(run_dir):
