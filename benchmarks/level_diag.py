@@ -1,6 +1,13 @@
-"""Where the time of one in-context level goes on a GPU: eager vs compiled (scan / unrolled).
+"""Where the time of one in-context level goes on a GPU: eager, compiled, in CUDA graphs.
 
-    python benchmarks/level_diag.py [--chunk 64] [--modes eager,scan,unrolled] [--profile]
+    python benchmarks/level_diag.py [--chunk 64] [--modes eager,regional,graphs] [--profile]
+
+The level is the Titans MLP memory of ``specs/titans_memory.nl`` (d 512, 8 heads x 64) on
+B x T tokens, fwd+bwd under bf16 autocast. Modes: ``eager``; ``scan`` / ``unrolled`` (the whole
+level compiled, chunks through torch's scan / unrolled; ``unrolled_cg`` adds inductor's CUDA
+graphs); ``regional`` (nlc.runtime.regional: the chunk step compiled, the loop eager); ``graphs``
+/ ``regional_graphs`` (the eager / regional level captured by torch.cuda.make_graphed_callables).
+``--profile`` prints where the CPU and the GPU spend a step.
 """
 
 from __future__ import annotations
@@ -8,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,19 +24,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import nlc  # noqa: E402
+from nlc import bench  # noqa: E402
+from nlc.runtime.regional import compile_regions  # noqa: E402
 
 
-def level(chunk: int, d: int, heads: int):
-    text = (ROOT / "examples" / "titans_lmm.nl").read_text().replace("every 16 tokens", f"every {chunk} tokens")
-    text = re.sub(r"(?m)^(\s*)d = .*$", rf"\g<1>d = {d}", text)
-    text = re.sub(r"(?m)^(\s*)heads = .*$", rf"\g<1>heads = {heads}", text)
-    text = re.sub(r"(?m)^(\s*)seq = .*$", r"\g<1>seq = 2048", text)
-    Model = nlc.load(text)
-    return sys.modules[Model.__module__].MemoryLevel
+def level(chunk: int, d: int, heads: int, T: int):
+    loaded = bench.load_spec(ROOT / "benchmarks" / "specs" / "titans_memory.nl",
+                             {"d": d, "heads": heads, "chunk": chunk, "seq": T})
+    return loaded.level_classes()["memory"]
 
 
-def bench(f, x, steps=5):
+def time_level(f, x, steps=5):
     def step():
         torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -57,12 +61,13 @@ def bench(f, x, steps=5):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--modes", default="eager,scan,unrolled")
+    ap.add_argument("--modes", default="eager,regional,graphs,regional_graphs")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-modes", default="regional", help="the modes --profile profiles")
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=2048)
     args = ap.parse_args()
-    cls = level(args.chunk, 512, 8)
+    cls = level(args.chunk, 512, 8, args.T)
     out = []
     for mode in args.modes.split(","):
         torch.manual_seed(0)
@@ -70,28 +75,37 @@ def main():
         x = torch.randn(args.B, args.T, 512, device="cuda", requires_grad=True)
         os.environ["NLC_CHUNK_SCAN"] = "0" if mode.startswith("unrolled") else "1"
         torch._dynamo.reset()
-        if mode == "eager":
+        if mode in ("eager", "graphs"):
+            f = m
+        elif mode.startswith("regional"):
+            compile_regions(m)
             f = m
         elif mode.endswith("_cg"):  # CUDA graphs: launch overhead removed
             f = torch.compile(m, fullgraph=True, mode="reduce-overhead")
         else:
             f = torch.compile(m, fullgraph=True)
         try:
-            first, ms, step = bench(f, x)
+            if mode.endswith("graphs"):
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    f = torch.cuda.make_graphed_callables(m, (x,), num_warmup_iters=3)
+            first, ms, step = time_level(f, x)
             r = {"mode": mode, "chunk": args.chunk, "first_s": round(first, 1), "step_ms": round(ms, 2),
                  "tokens_per_s": round(args.B * args.T / ms * 1e3)}
         except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc(limit=8)
             r = {"mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             step = None
         print(json.dumps(r), flush=True)
         out.append(r)
-        if args.profile and step is not None:
+        if args.profile and step is not None and mode in args.profile_modes.split(","):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as p:
                 step()
                 torch.cuda.synchronize()
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
-            print(p.key_averages().table(sort_by="cpu_time_total", row_limit=8), flush=True)
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"level_diag_{args.chunk}.json").write_text(json.dumps(out, indent=1))
 

@@ -187,6 +187,7 @@ class Run:
         self.quick = args.quick
         self.tiny = not self.cuda  # CPU runs use tiny sizes (for tests and dry runs)
         self.compile = args.compile if args.compile is not None else self.cuda
+        self.graphs = bool(args.graphs if args.graphs is not None else self.cuda) and self.cuda
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
         self.ceilings: dict[str, Any] = {}
@@ -262,13 +263,15 @@ class Run:
         skip_compile_reason: str | None = None,
         keep_both: bool = False,
         eager_as_fallback: bool = False,
+        extra: dict[str, Callable[[], Candidate]] | None = None,
     ) -> list[Candidate]:
         """Build the eager and compiled variants of one implementation; return the one(s) to time.
 
         A compiled variant that fails or times out is recorded and dropped. When both build, both
         are warmed up and the faster (median of the warm-up steps) is kept, unless ``keep_both``.
         ``eager_as_fallback``: build the eager variant only when there is no compiled one (large
-        models, where compiling is known to win and two copies cost memory and time).
+        models, where compiling is known to win and two copies cost memory and time). ``extra``:
+        more variants by name (CUDA graphs), each built, recorded on failure, and always timed.
         """
         out = []
         if compiled is not None and self.compile and not skip_compile_reason:
@@ -311,6 +314,16 @@ class Run:
             out = [fast]
             c = slow = None  # drop the slower one's model and inputs
             free_memory()
+        for name, build in (extra or {}).items():
+            try:
+                c = build()
+                c.first_call_s = self.first_call(c.step, self.args.compile_timeout, "the build (--compile-timeout)")
+                out.append(c)
+            except FAILURES as e:  # noqa: BLE001 - recorded; the other variants still run
+                c = None
+                free_memory()
+                self.record(section, case, impl, name, "error", reason=short_error(e),
+                            trace=traceback.format_exc(limit=6)[-1500:])
         return out
 
     # -- timing
@@ -358,7 +371,7 @@ class Run:
                 "tokens_per_step": c.tokens,
                 "first_call_s": c.first_call_s,
                 "compile_s": (
-                    max(c.first_call_s - med, 0.0) if c.first_call_s is not None and c.variant == "compiled" else None
+                    max(c.first_call_s - med, 0.0) if c.first_call_s is not None and c.variant != "eager" else None
                 ),
                 "notes": c.notes,
                 **c.meta,
@@ -374,7 +387,9 @@ class Run:
             if extra:
                 row.update(extra)
             self.record(section, case, c.impl, c.variant, "ok", **row)
-            results[c.impl] = row
+            best = results.get(c.impl)
+            if best is None or row["tokens_per_s"]["median"] > best["tokens_per_s"]["median"]:
+                results[c.impl] = {**row, "variant": c.variant}  # the fastest variant of each implementation
             self.log(
                 f"{section}/{case}: {c.impl} [{c.variant}] {st['tokens_per_s']['median']:,.0f} tokens/s, "
                 f"{st['step_ms']['median']:.2f} ms/step" + (f", peak {row['peak_gib']:.2f} GiB" if self.cuda else "")
@@ -448,6 +463,8 @@ class Run:
                 "quick": self.quick,
                 "tiny": self.tiny,
                 "compile": self.compile,
+                "nlc_scope": self.args.nlc_scope,
+                "graphs": self.graphs,
                 "steps": self.steps,
                 "warmup": self.warmup,
                 "compile_timeout_s": self.args.compile_timeout,
@@ -530,14 +547,58 @@ def check_level(run: Run, spec, dims: dict, level: str, T: int, B: int = 2) -> d
     }
 
 
+def graphed(run: Run, module: torch.nn.Module, x: torch.Tensor, allow_unused: bool = False):
+    """``module`` captured in CUDA graphs, forward and backward (``make_graphed_callables``).
+
+    A replay launches the whole captured forward (or backward) at once, so the CPU cost of
+    launching its kernels one by one disappears. Autocast is captured as it stands now (bf16),
+    with its weight cache off, as ``make_graphed_callables`` requires.
+    """
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if run.dtype == "bf16" else contextlib.nullcontext()
+    sample = x.detach().clone().requires_grad_(x.requires_grad)  # a fresh leaf: x may carry older graphs
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    with ctx:
+        out = torch.cuda.make_graphed_callables(module, (sample,), num_warmup_iters=3, allow_unused_input=allow_unused)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # what stays reserved is the graphs' private memory pool
+    out._graph_pool_bytes = max(torch.cuda.memory_reserved() - before, 0)
+    return out
+
+
+def compile_nlc(run: Run, module: torch.nn.Module):
+    """nlc's compiled variant: regional (``nlc.runtime.regional``; the module itself, compiled in
+    place) or the whole module (``--nlc-scope full``)."""
+    if run.args.nlc_scope == "full":
+        return torch.compile(module, fullgraph=True)
+    from nlc.runtime.regional import compile_regions
+
+    compile_regions(module)
+    return module
+
+
 def level_candidate(run: Run, loaded, level: str, B: int, T: int, impl: str, variant: str) -> Candidate:
-    """fwd+bwd of one generated level class on ``[B, T, d]`` (loss mean(out²)); bf16 autocast on CUDA."""
+    """fwd+bwd of one generated level class on ``[B, T, d]`` (loss mean(out²)); bf16 autocast on CUDA.
+
+    ``variant``: eager, compiled (:func:`compile_nlc`), graphs (eager in CUDA graphs) or
+    compiled+graphs (regionally compiled, then captured).
+    """
     cls = loaded.level_classes()[level]
     torch.manual_seed(0)
     m = cls().to(run.device)
     d = int(loaded.program.d_model)
     x = torch.randn(B, T, d, device=run.device, requires_grad=True)
-    fwd = torch.compile(m, fullgraph=True) if variant == "compiled" else m
+    fwd = m
+    if variant.startswith("compiled"):
+        if variant.endswith("graphs"):  # captured: regional, whatever --nlc-scope says
+            from nlc.runtime.regional import compile_regions
+
+            compile_regions(m)
+        else:
+            fwd = compile_nlc(run, m)
+    if variant.endswith("graphs"):
+        fwd = graphed(run, m, x)
     params = [p for p in m.parameters() if p.requires_grad]
 
     def step():
@@ -549,14 +610,17 @@ def level_candidate(run: Run, loaded, level: str, B: int, T: int, impl: str, var
             p.grad = None
 
     flops = level_step_flops(loaded.program, loaded.program.level(level), m, B, T)
+    pool = getattr(fwd, "_graph_pool_bytes", 0)  # a captured variant's activations live in its graph pool
     return Candidate(
         impl,
         variant,
         step,
         B * T,
         flops=flops,
-        resident=lambda: tensor_bytes(m, x),
-        meta={"params": sum(p.numel() for p in params)},
+        resident=lambda: tensor_bytes(m, x) + pool,
+        meta={"params": sum(p.numel() for p in params),
+              "compile_scope": (run.args.nlc_scope if variant == "compiled" else
+                                "regional" if variant.startswith("compiled") else None)},
     )
 
 
@@ -590,7 +654,12 @@ def model_candidate(run: Run, loaded, B: int, T: int, variant: str, impl: str = 
     vocab = int(cfg.vocab_size)
     x = torch.randint(0, vocab, (B, T), generator=g).to(run.device)
     y = torch.randint(0, vocab, (B, T), generator=g).to(run.device)
-    fwd = torch.compile(model, fullgraph=True) if variant == "compiled" else model
+    fwd = compile_nlc(run, model) if variant == "compiled" else model
+    graphs = []
+    if variant == "compiled" and run.graphs and run.args.nlc_scope == "regional":
+        from nlc.runtime.graphs import graph_levels
+
+        graphs = graph_levels(model)  # in-context levels replayed from CUDA graphs, as train.py does
     count = [0]
 
     def step():
@@ -613,7 +682,9 @@ def model_candidate(run: Run, loaded, B: int, T: int, variant: str, impl: str = 
         B * T,
         flops=flops,
         resident=lambda: tensor_bytes(model, optimizers),
-        meta={"params": fl["params"]["total"], "optimizer": opt_desc},
+        meta={"params": fl["params"]["total"], "optimizer": opt_desc,
+              "compile_scope": run.args.nlc_scope if variant == "compiled" else None,
+              "cuda_graphs": bool(graphs)},
     )
 
 
@@ -782,6 +853,9 @@ def section_titans(run: Run) -> None:
         loaded = bench.load_spec(spec, {**dims, "chunk": C, "seq": T})
         if ok:
             reason = compile_skip_reason(run, math.ceil(T / C))
+            extra = {}
+            if run.graphs:
+                extra["compiled+graphs"] = lambda: level_candidate(run, loaded, "memory", B, T, "nlc", "compiled+graphs")
             cands += run.compile_variants(
                 sec,
                 case,
@@ -789,15 +863,19 @@ def section_titans(run: Run) -> None:
                 lambda: level_candidate(run, loaded, "memory", B, T, "nlc", "eager"),
                 lambda: level_candidate(run, loaded, "memory", B, T, "nlc", "compiled"),
                 skip_compile_reason=reason,
+                extra=extra,
             )
         try:
             tp = import_peer("titans_pytorch")
+            extra = ({"graphs": lambda: titans_candidate(run, tp, dims, C, B, T, "graphs")}
+                     if run.graphs and run.args.peer_graphs else {})
             cands += run.compile_variants(
                 sec,
                 case,
                 "titans-pytorch",
                 lambda: titans_candidate(run, tp, dims, C, B, T, "eager"),
-                lambda: titans_candidate(run, tp, dims, C, B, T, "compiled"),
+                None if run.args.skip_peer_compile else (lambda: titans_candidate(run, tp, dims, C, B, T, "compiled")),
+                extra=extra,
             )
         except FAILURES as e:  # noqa: BLE001
             run.record(sec, case, "titans-pytorch", "-", "skipped", reason=short_error(e))
@@ -811,11 +889,25 @@ def section_titans(run: Run) -> None:
                 "ratio",
                 "ok",
                 ratio=r,
-                reason=f"nlc at {r:.3f}x titans-pytorch's tokens/s (different chunk semantics: docs/benchmarks.md)",
+                peak_ratio=(res["nlc"].get("peak_gib") or 0) / res["titans-pytorch"]["peak_gib"]
+                if res["titans-pytorch"].get("peak_gib") else None,
+                reason=f"nlc [{res['nlc']['variant']}] at {r:.3f}x titans-pytorch [{res['titans-pytorch']['variant']}]'s "
+                "tokens/s, each its fastest variant (different chunk semantics: docs/benchmarks.md)",
             )
         del cands
         torch._dynamo.reset()
         free_memory()
+
+
+class _FirstOutput(torch.nn.Module):
+    """A module returning only the first output of ``inner`` (CUDA graphs capture tensors only)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)[0]
 
 
 def titans_candidate(run: Run, tp, dims: dict, C: int, B: int, T: int, variant: str) -> Candidate:
@@ -847,22 +939,29 @@ def titans_candidate(run: Run, tp, dims: dict, C: int, B: int, T: int, variant: 
                 notes.append(f"accelerated scan failed ({short_error(e, 200)}); plain scan")
                 continue
         break
-    fwd = torch.compile(mem) if variant == "compiled" else mem
+    if variant == "compiled":
+        fwd = torch.compile(mem)
+    elif variant == "graphs":
+        fwd = graphed(run, _FirstOutput(mem), x, allow_unused=True)  # some of its parameters are unused here
+    else:
+        fwd = mem
 
     def step():
         with run.autocast():
-            y, _state = fwd(x)
+            y = fwd(x)
+            y = y[0] if isinstance(y, tuple) else y
         y.float().square().mean().backward()
         x.grad = None
         for p in params:
             p.grad = None
 
+    pool = getattr(fwd, "_graph_pool_bytes", 0)
     return Candidate(
         "titans-pytorch",
         variant,
         step,
         B * T,
-        resident=lambda: tensor_bytes(mem, x),
+        resident=lambda: tensor_bytes(mem, x) + pool,
         notes=notes,
         meta={
             "params": sum(p.numel() for p in params),
@@ -1377,6 +1476,7 @@ def section_hope(run: Run) -> None:
                 lambda: model_candidate(run, loaded, B, T, "eager"),
                 lambda: model_candidate(run, loaded, B, T, "compiled"),
                 skip_compile_reason=reason,
+                eager_as_fallback=True,  # eager HOPE is launch-bound: seconds per step at this size
             )
         else:
             run.record(sec, case, "nlc", "-", "refused", reason="a level check failed; not timed")
@@ -1482,6 +1582,9 @@ def section_cms(run: Run) -> None:
                 "nlc cms level",
                 lambda: _renamed(level_candidate(run, loaded, "fast", B, T, "nlc", "eager"), "nlc cms level"),
                 lambda: _renamed(level_candidate(run, loaded, "fast", B, T, "nlc", "compiled"), "nlc cms level"),
+                extra={"compiled+graphs": lambda: _renamed(
+                    level_candidate(run, loaded, "fast", B, T, "nlc", "compiled+graphs"), "nlc cms level")}
+                if run.graphs else None,
             )
         else:
             run.record(sec, case, "nlc cms level", "-", "refused", reason="the level check failed; not timed")
@@ -1813,6 +1916,31 @@ def parse_args(argv=None):
         type=float,
         default=120.0,
         help="seconds the first step of a slow peer (nested-learning) may take (default 120)",
+    )
+    p.add_argument(
+        "--nlc-scope",
+        choices=("regional", "full"),
+        default="regional",
+        help="how nlc's compiled variant compiles: regional (chunk steps and blocks; default) or full (the whole "
+        "model, chunks through torch's scan)",
+    )
+    p.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the level sections (titans, cms) in CUDA graphs (torch.cuda.make_graphed_callables), "
+        "nlc's and titans-pytorch's alike (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--peer-graphs",
+        action="store_true",
+        help="also try titans-pytorch in CUDA graphs (off by default: its capture failed on torch 2.11, and a failed "
+        "capture can leave the CUDA context unusable for the rest of the run)",
+    )
+    p.add_argument(
+        "--skip-peer-compile",
+        action="store_true",
+        help="do not try torch.compile on titans-pytorch (its compile fails on torch 2.11: the issue's figures)",
     )
     p.add_argument(
         "--max-unroll",
