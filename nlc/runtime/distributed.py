@@ -451,14 +451,15 @@ def resolve_scope(model: torch.nn.Module, scope: str) -> str:
 def use_graphs(flag: bool | None, model: torch.nn.Module, device: torch.device, scope: str, parallel: str) -> bool:
     """Whether to replay in-context levels from CUDA graphs (``--cuda-graphs``).
 
-    ``None`` (the default): on for CUDA with regional compile when the model has in-context
-    levels, except under FSDP (whose sharded parameters and unit hooks a captured graph cannot
-    follow). An explicit ``True`` where graphs cannot work is an error."""
+    ``None`` (the default): on for a single CUDA process with regional compile when the model
+    has in-context levels. Under DDP graphs are used only when asked for (``True``; not tested
+    on GPUs yet); never under FSDP, whose sharded parameters and unit hooks a captured graph
+    cannot follow. An explicit ``True`` where graphs cannot work is an error."""
     from .regional import has_in_context
 
     possible = device.type == "cuda" and parallel != "fsdp" and has_in_context(model)
     if flag is None:
-        return possible and scope == "regional"
+        return possible and scope == "regional" and parallel == "none"
     if flag and not possible:
         why = ("it needs a CUDA device" if device.type != "cuda" else "not under --parallel fsdp"
                if parallel == "fsdp" else "the model has no in-context level")

@@ -43,7 +43,8 @@ def test_when_graphs_are_used():
     hope, tpp = _model("hope"), _model("transformer_pp")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert use_graphs(None, hope, cuda, "regional", "none") is True
-    assert use_graphs(None, hope, cuda, "regional", "ddp") is True
+    assert use_graphs(None, hope, cuda, "regional", "ddp") is False  # DDP: only when asked for
+    assert use_graphs(True, hope, cuda, "regional", "ddp") is True
     assert use_graphs(None, hope, cuda, "regional", "fsdp") is False
     assert use_graphs(None, hope, cuda, "full", "none") is False
     assert use_graphs(None, hope, cpu, "regional", "none") is False
