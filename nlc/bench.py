@@ -834,8 +834,13 @@ def run_bench(
                 graph_levels(model)
             log(f"compiling {len(regions)} regions{' (empty inductor cache)' if compile_times else ''}")
             t0 = time.perf_counter()
-            step()
-            _sync(dev)
+            try:
+                step()
+                _sync(dev)
+            except Exception as e:  # noqa: BLE001 - every region is fullgraph: a break is an error here
+                if type(e).__name__ == "OutOfMemoryError":
+                    raise
+                raise BenchError(f"regional compile failed: {_short(e)} (try --compile-scope full)") from None
             first_s = time.perf_counter() - t0
             comp["fullgraph_ok"] = True
             comp["graph_breaks"] = _counter_total("graph_break") - breaks0

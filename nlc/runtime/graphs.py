@@ -16,7 +16,9 @@ replays it afterwards. It runs the level's own forward instead when:
   never`` / test-time learning: a Python-side state the graph cannot carry);
 * the caller asks for the chunk states or passes start states (a nested CMS group);
 * the previous replay's backward has not run yet (a replay reuses fixed buffers for its saved
-  activations, so a second one before the backward would overwrite them);
+  activations, so a second one before the backward would overwrite them; a replay whose output
+  never gets a gradient leaves the level uncaptured from then on, which :func:`graph_report`
+  shows as ``pending_backward``);
 * the signature is new and ``max_graphs`` are captured already, or capturing failed (noted once).
 
 Gradients: parameters get copies of the graph's gradient buffers (a hook on each parameter),
@@ -83,7 +85,8 @@ class GraphedLevel:
             graphed = self._capture(x, key)
             if graphed is None:
                 return self._eager(x)
-        y = graphed(x)
+        with torch.cuda.device(x.device):  # replay where it was captured (the current device may differ)
+            y = graphed(x)
         self.replays += 1
         if y.requires_grad:
             self.pending = True
@@ -98,8 +101,9 @@ class GraphedLevel:
         sample = x.detach().clone().requires_grad_(x.requires_grad)
         autocast = torch.is_autocast_enabled("cuda")
         try:
-            # make_graphed_callables refuses autocast's weight cache; the captured casts are the same
-            with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
+            # capture on the input's device (graphs capture the current device's stream); autocast
+            # without its weight cache, which make_graphed_callables refuses (the casts are the same)
+            with torch.cuda.device(x.device), torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
                 graphed = torch.cuda.make_graphed_callables(_Call(self.level), (sample,), num_warmup_iters=3,
                                                             allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - the level runs uncaptured; the reason is said once
@@ -141,5 +145,5 @@ def graph_report(model: nn.Module) -> list[dict]:
         g = lv.__dict__.get("forward")
         if isinstance(g, GraphedLevel):
             out.append({"level": getattr(lv, "level", "?"), "graphs": len(g.graphs), "replays": g.replays,
-                        "failed": g.failed})
+                        "failed": g.failed, "pending_backward": g.pending})
     return out

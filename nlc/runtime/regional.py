@@ -19,7 +19,10 @@ compilation takes a third way:
 A model with no in-context level at all is compiled whole: that is already one region.
 
 Compiled code is keyed by the code object, so all layers of one level class share one compiled
-step; shapes that differ (the last partial chunk, an evaluation batch) compile once more each.
+step; shapes that differ (the last partial chunk, an evaluation batch) compile once more each,
+which is why :func:`compile_regions` raises dynamo's recompile limit to ``RECOMPILE_LIMIT``.
+Modules defined by torch itself (``nn.LayerNorm``, ``nn.Linear``) are left uncompiled: alone they
+are one kernel, and dynamo does not trace their forward as a frame of its own.
 Values and gradients equal the eager model's (tested).
 """
 
@@ -30,8 +33,16 @@ import torch.nn as nn
 
 __all__ = ["compile_regions", "has_in_context", "in_context_levels"]
 
-# leaf modules of torch.nn that are a single kernel: compiling them alone buys nothing
-_SINGLE_OPS = (nn.Linear, nn.Embedding, nn.Identity, nn.Dropout, nn.Conv1d)
+# each chunk step compiles once per distinct call (first chunk / later chunks / partial chunk,
+# training / evaluation, batch size, ...): more than dynamo's default of 8 recompiles per code
+# object, after which a fullgraph compile raises instead of running
+RECOMPILE_LIMIT = 64
+
+
+def _torch_module(m: nn.Module) -> bool:
+    # modules defined by torch itself (nn.LayerNorm, nn.Linear, ...): dynamo does not trace their
+    # own forward as a frame, so compiling one alone with fullgraph=True finds nothing to compile
+    return type(m).__module__.split(".")[0] == "torch"
 
 
 def _is_in_context(m: nn.Module) -> bool:
@@ -54,6 +65,11 @@ def compile_regions(model: nn.Module, *, backend: str | None = None, mode: str |
     model's own ``forward`` keeps its Python: call the model itself afterwards. Calling this twice
     compiles nothing more.
     """
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     opts = {"fullgraph": True, "dynamic": False}
     if backend is not None:
         opts["backend"] = backend
@@ -73,11 +89,10 @@ def compile_regions(model: nn.Module, *, backend: str | None = None, mode: str |
                     visit(f"{name}.{sub_name}" if name else sub_name, sub)
             return
         if not has_in_context(m):
-            if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            if _torch_module(m):  # containers: their children; torch's own layers stay as they are
                 for child_name, child in m.named_children():
                     visit(f"{name}.{child_name}" if name else child_name, child)
-            elif not isinstance(m, _SINGLE_OPS) and any(True for _ in m.parameters()) \
-                    and getattr(m, "_compiled_call_impl", None) is None:
+            elif any(True for _ in m.parameters()) and getattr(m, "_compiled_call_impl", None) is None:
                 m.compile(**opts)
                 done.append(name or type(m).__name__)
             return

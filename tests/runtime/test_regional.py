@@ -91,3 +91,32 @@ def test_resolve_scope():
     assert resolve_scope(_model("hope"), "full") == "full"
     with pytest.raises(ValueError, match="unknown compile scope"):
         resolve_scope(_model("hope"), "most")
+
+
+def test_torch_layers_are_left_alone():
+    """`norm layer` makes nn.LayerNorm modules: compiled alone they hold no frame to compile
+    (fullgraph raises), so regional compilation leaves them to run as they are."""
+    text = (ROOT / "examples" / "hope.nl").read_text().replace("norm rms", "norm layer")
+    torch.manual_seed(0)
+    model = nlc.load(shrink(text, d=16, heads=2, layers=1))().double()
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    idx = torch.randint(0, 256, (2, 40))
+    loss, grads = _loss_and_grads(model, idx)
+    torch._dynamo.reset()
+    done = compile_regions(model, backend="aot_eager")
+    assert not any(d.endswith("_norm") for d in done)
+    loss2, grads2 = _loss_and_grads(model, idx)
+    torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
+
+
+def test_many_shapes_do_not_exhaust_the_recompile_limit():
+    """Each batch size, sequence length and grad mode compiles the chunk step once more: more
+    than dynamo's default limit of 8, which would make a fullgraph compile raise."""
+    model = _model("titans_lmm", layers=1)
+    torch._dynamo.reset()
+    compile_regions(model, backend="aot_eager")
+    for B in (1, 2, 3, 4, 5):
+        for T in (32, 40):
+            _loss_and_grads(model, torch.randint(0, 256, (B, T)))
+            with torch.no_grad():
+                model(torch.randint(0, 256, (B, T)))
