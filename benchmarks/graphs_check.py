@@ -32,20 +32,21 @@ from nlc.runtime.tasks import make_task  # noqa: E402
 from nlc.runtime.regional import compile_regions  # noqa: E402
 
 
-def run(loaded, mode: str, dtype: str, steps: int, B: int, T: int, task, lr: float | None) -> dict:
+def run(loaded, mode: str, dtype: str, steps: int, B: int, T: int, task, lr: float | None,
+        device: str = "cuda") -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = loaded.Model(loaded.module.ModelConfig()).cuda()
+    model = loaded.Model(loaded.module.ModelConfig()).to(device)
     if mode.startswith("regional"):
         compile_regions(model)
     if mode.endswith("graphs"):
         graph_levels(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr or float(loaded.module.SPEC["lr"]), weight_decay=0.1)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
     losses, bad = [], []
     t0 = time.perf_counter()
     for _ in range(steps):
-        x, y = (t.cuda() for t in task.train_batch(len(losses)))
+        x, y = (t.to(device) for t in task.train_batch(len(losses)))
         with amp():
             _, loss = model(x, y)
         loss.backward()
@@ -72,6 +73,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--lr", type=float, default=None, help="default: the spec's")
     ap.add_argument("--tf32", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (eager and regional modes)")
     args = ap.parse_args()
     if args.tf32:
         torch.set_float32_matmul_precision("high")
@@ -82,7 +84,7 @@ def main() -> int:
     for dtype in args.dtypes.split(","):
         for mode in args.modes.split(","):
             try:
-                r = run(loaded, mode, dtype, args.steps, args.batch_size, args.seq_len, task, args.lr)
+                r = run(loaded, mode, dtype, args.steps, args.batch_size, args.seq_len, task, args.lr, args.device)
             except Exception as e:  # noqa: BLE001 - reported, the other modes still run
                 r = {"mode": mode, "dtype": dtype, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(json.dumps(r), flush=True)

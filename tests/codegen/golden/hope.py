@@ -27,7 +27,7 @@ from nlc.runtime import ops as nl_ops
 SPEC = {
     "name": 'hope',
     "file": 'hope.nl',
-    "hash": 'efea5100a3ddc8579787c62d140be0bc3c7f212eefdf36d78790d469b8a02b0f',
+    "hash": '907f664600aec72e3759d97d99a5b596380f745552c4e0e5eda16afd517e4381',
     "lr": 0.002,
     "seq_len": 256,
     "dims": {'d': 128, 'heads': 4, 'dh': 32, 'vocab': 256, 'layers': 2, 'seq': 256},
@@ -38,23 +38,23 @@ SPEC = {
 class ModelConfig:
     """What may change without recompiling. Widths are fixed by the spec's dims."""
 
-    vocab_size: int = 256  # hope.nl:27  embed vocab -> d
+    vocab_size: int = 256  # hope.nl:29  embed vocab -> d
     seq_len: int = 256  # training sequence length (dims: seq)
-    layer_repeat: int = 2  # hope.nl:29  block layer x layers {
+    layer_repeat: int = 2  # hope.nl:31  block layer x layers {
 
 # ---------------------------------------------------------------------------------------------
 # memories and rules
 # ---------------------------------------------------------------------------------------------
-TITANS_RULE = nl_chunk.RuleSpec('dgd')  # hope.nl:44  rule dgd(lr = lr, decay = retain)
-# hope.nl:34  state mem, mk, mv, meta, malpha : small(dh)
+TITANS_RULE = nl_chunk.RuleSpec('dgd')  # hope.nl:46  rule dgd(lr = lr, decay = retain)
+# hope.nl:36  state mem, mk, mv, meta, malpha : small(dh)
 TITANS_MEMORY = nl_mem.MemorySpec('residual_mlp', din=32, dout=32, hidden=32, depth=2, act='silu')
-FAST_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:54  rule gd(lr = 0.01)
-# hope.nl:49  level fast : mlp(d -> d, hidden = 2 * d) {
+FAST_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:56  rule gd(lr = 0.0025)
+# hope.nl:51  level fast : mlp(d -> d, hidden = 2 * d) {
 FAST_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
-MID_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:63  rule gd(lr = 0.0025)
-# hope.nl:58  level mid : mlp(d -> d, hidden = 2 * d) {
+MID_RULE = nl_chunk.RuleSpec('gd')  # hope.nl:65  rule gd(lr = 0.000625)
+# hope.nl:60  level mid : mlp(d -> d, hidden = 2 * d) {
 MID_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
-# hope.nl:67  level slow : mlp(d -> d, hidden = 2 * d) {
+# hope.nl:69  level slow : mlp(d -> d, hidden = 2 * d) {
 SLOW_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, act='silu')
 
 
@@ -62,7 +62,7 @@ SLOW_MEMORY = nl_mem.MemorySpec('mlp', din=128, dout=128, hidden=256, depth=2, a
 # in-context `titans`
 # ---------------------------------------------------------------------------------------------
 class TitansLevel(nn.Module):
-    """Level `titans` (hope.nl:32): in-context, every 16 tokens.
+    """Level `titans` (hope.nl:34): in-context, every 16 tokens.
     Per head: 4 heads.
     state mem: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
     state mk: residual_mlp(32 -> 32, hidden=32, depth=2, act=silu)
@@ -78,7 +78,7 @@ class TitansLevel(nn.Module):
     kind = 'in_context'
     period = 16
     heads = 4
-    flow_attrs = {1239: 'x_linear', 1257: 'x_conv', 1392: 'query_linear', 1555: 'out_linear'}
+    flow_attrs = {1364: 'x_linear', 1382: 'x_conv', 1517: 'query_linear', 1680: 'out_linear'}
     state_attrs = {'mem': 'mem0', 'mk': 'mk0', 'mv': 'mv0', 'meta': 'meta0', 'malpha': 'malpha0'}
     reset_never = False
 
@@ -86,23 +86,23 @@ class TitansLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # hope.nl:34  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:36  state mem, mk, mv, meta, malpha : small(dh)
         self.mem0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
-        # hope.nl:34  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:36  state mem, mk, mv, meta, malpha : small(dh)
         self.mk0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
-        # hope.nl:34  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:36  state mem, mk, mv, meta, malpha : small(dh)
         self.mv0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
-        # hope.nl:34  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:36  state mem, mk, mv, meta, malpha : small(dh)
         self.meta0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
-        # hope.nl:34  state mem, mk, mv, meta, malpha : small(dh)
+        # hope.nl:36  state mem, mk, mv, meta, malpha : small(dh)
         self.malpha0 = nl_flows.MemoryInit(TITANS_MEMORY, heads=4)
-        # hope.nl:33  let x = input | linear(d -> dh) | conv(4)
+        # hope.nl:35  let x = input | linear(d -> dh) | conv(4)
         self.x_linear = nl_flows.HeadLinear(4, 128, 32)
-        # hope.nl:33  let x = input | linear(d -> dh) | conv(4)
+        # hope.nl:35  let x = input | linear(d -> dh) | conv(4)
         self.x_conv = nl_flows.HeadConv(4 * 32, 4)
-        # hope.nl:37  let query = x | linear(dh -> dh) | l2norm
+        # hope.nl:39  let query = x | linear(dh -> dh) | l2norm
         self.query_linear = nl_flows.HeadLinear(4, 32, 32)
-        # hope.nl:41  output linear(heads * dh -> d)
+        # hope.nl:43  output linear(heads * dh -> d)
         self.out_linear = nn.Linear(128, 128, bias=False)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -110,16 +110,16 @@ class TitansLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        # hope.nl:33  let x = input | linear(d -> dh) | conv(4)
+        # hope.nl:35  let x = input | linear(d -> dh) | conv(4)
         x_2 = self.x_conv(self.x_linear(xin))
-        # hope.nl:37  let query = x | linear(dh -> dh) | l2norm
+        # hope.nl:39  let query = x | linear(dh -> dh) | l2norm
         query = nl_flows.l2norm(self.query_linear(x_2))
         # in-context state at the start of the sequence (learned)
         if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
             state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
             state = self.start(B, x)
-        # hope.nl:45  every 16 tokens
+        # hope.nl:47  every 16 tokens
         state, out, chunk_states = nl_chunks.run_chunks(
             self.chunk,
             state,
@@ -132,7 +132,7 @@ class TitansLevel(nn.Module):
         if self.persist:
             self.carry = nl_chunks.detach(state)
         out = nl_flows.merge_heads(out)  # [B, T, 4 * w]
-        out = self.out_linear(out)  # hope.nl:41  output linear(heads * dh -> d)
+        out = self.out_linear(out)  # hope.nl:43  output linear(heads * dh -> d)
         if keep_chunk_states:
             return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
         return out
@@ -149,16 +149,16 @@ class TitansLevel(nn.Module):
         # flows that read the chunk-start states (paper eq 90)
         # all 5 memories at once
         x_c_all = nl_mem.forward(TITANS_MEMORY, w, nl_flows.tile(nl_flows.heads(x_c, 4), 5))
-        # hope.nl:35  let key = mk(x) | l2norm
+        # hope.nl:37  let key = mk(x) | l2norm
         key_c = nl_flows.l2norm(nl_flows.part(x_c_all, 1, 5))
-        value_c = nl_flows.part(x_c_all, 2, 5)  # hope.nl:36  let value = mv(x)
-        # hope.nl:38  let lr = meta(x) | mean | softplus | scale(0.01)
+        value_c = nl_flows.part(x_c_all, 2, 5)  # hope.nl:38  let value = mv(x)
+        # hope.nl:40  let lr = meta(x) | mean | softplus | scale(0.01)
         lr_c = F.softplus(nl_flows.part(x_c_all, 3, 5).mean(-1, keepdim=True)) * 0.01
-        # hope.nl:39  let retain = malpha(x) | mean | sigmoid
+        # hope.nl:41  let retain = malpha(x) | mean | sigmoid
         retain_c = torch.sigmoid(nl_flows.part(x_c_all, 4, 5).mean(-1, keepdim=True))
         # target self: each memory is trained towards its own view of the values (eq 84-85)
         target = nl_mem.forward(TITANS_MEMORY, w, nl_flows.tile(nl_flows.heads(value_c, 4), 5))
-        # hope.nl:44  rule dgd(lr = lr, decay = retain)
+        # hope.nl:46  rule dgd(lr = lr, decay = retain)
         # rule dgd for all 5 memories at once: closed-form inner gradients at the chunk-start state
         y, w, _ = nl_chunk.chunk_step(
             TITANS_MEMORY,
@@ -189,9 +189,9 @@ class TitansLevel(nn.Module):
 # in-context `fast`
 # ---------------------------------------------------------------------------------------------
 class FastLevel(nn.Module):
-    """Level `fast` (hope.nl:49): in-context, every 16 tokens.
+    """Level `fast` (hope.nl:51): in-context, every 16 tokens.
     state fast: mlp(128 -> 128, hidden=256, depth=2, act=silu)
-    objective l2; rule gd(lr=0.01)
+    objective l2; rule gd(lr=0.0025)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
     Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
@@ -200,7 +200,7 @@ class FastLevel(nn.Module):
     kind = 'in_context'
     period = 16
     heads = 1
-    flow_attrs = {1820: 'value_linear'}
+    flow_attrs = {1945: 'value_linear'}
     state_attrs = {'fast': 'fast0'}
     reset_never = False
 
@@ -208,9 +208,9 @@ class FastLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # hope.nl:49  level fast : mlp(d -> d, hidden = 2 * d) {
+        # hope.nl:51  level fast : mlp(d -> d, hidden = 2 * d) {
         self.fast0 = nl_flows.MemoryInit(FAST_MEMORY, heads=1)
-        # hope.nl:51  let value = input | linear(d -> d)
+        # hope.nl:53  let value = input | linear(d -> d)
         self.value_linear = nl_flows.HeadLinear(1, 128, 128)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -218,15 +218,15 @@ class FastLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        key = nl_flows.l2norm(xin)  # hope.nl:50  let key = input | l2norm
-        value = self.value_linear(xin)  # hope.nl:51  let value = input | linear(d -> d)
-        query = key  # hope.nl:52  let query = key
+        key = nl_flows.l2norm(xin)  # hope.nl:52  let key = input | l2norm
+        value = self.value_linear(xin)  # hope.nl:53  let value = input | linear(d -> d)
+        query = key  # hope.nl:54  let query = key
         # in-context state at the start of the sequence (learned)
         if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
             state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
             state = self.start(B, x)
-        # hope.nl:55  every 16 tokens
+        # hope.nl:57  every 16 tokens
         state, out, chunk_states = nl_chunks.run_chunks(
             self.chunk,
             state,
@@ -252,7 +252,7 @@ class FastLevel(nn.Module):
         """
         (fast,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
-        # hope.nl:54  rule gd(lr = 0.01)
+        # hope.nl:56  rule gd(lr = 0.0025)
         # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
         y, fast, _ = nl_chunk.chunk_step(
             FAST_MEMORY,
@@ -263,7 +263,7 @@ class FastLevel(nn.Module):
             nl_flows.heads(key_c, 1),
             nl_flows.heads(value_c, 1),
             nl_flows.heads(query_c, 1),
-            0.01,
+            0.0025,
             None,
             None,
         )
@@ -279,9 +279,9 @@ class FastLevel(nn.Module):
 # in-context `mid`
 # ---------------------------------------------------------------------------------------------
 class MidLevel(nn.Module):
-    """Level `mid` (hope.nl:58): in-context, every 64 tokens.
+    """Level `mid` (hope.nl:60): in-context, every 64 tokens.
     state mid: mlp(128 -> 128, hidden=256, depth=2, act=silu)
-    objective l2; rule gd(lr=0.0025)
+    objective l2; rule gd(lr=0.000625)
     reset per sequence; init learned; grad through writes full; read chunk; target plain
     Inner gradients: closed form (nl_mem.forward_backward); updates: exact chunk form.
     """
@@ -290,7 +290,7 @@ class MidLevel(nn.Module):
     kind = 'in_context'
     period = 64
     heads = 1
-    flow_attrs = {2049: 'value_linear'}
+    flow_attrs = {2176: 'value_linear'}
     state_attrs = {'mid': 'mid0'}
     reset_never = False
 
@@ -298,9 +298,9 @@ class MidLevel(nn.Module):
         super().__init__()
         self.persist = False  # keep the state across calls (reset never, or test-time learning)
         self.carry = None
-        # hope.nl:58  level mid : mlp(d -> d, hidden = 2 * d) {
+        # hope.nl:60  level mid : mlp(d -> d, hidden = 2 * d) {
         self.mid0 = nl_flows.MemoryInit(MID_MEMORY, heads=1)
-        # hope.nl:60  let value = input | linear(d -> d)
+        # hope.nl:62  let value = input | linear(d -> d)
         self.value_linear = nl_flows.HeadLinear(1, 128, 128)
         self.register_buffer("state_sq", torch.zeros(()), persistent=False)
 
@@ -308,15 +308,15 @@ class MidLevel(nn.Module):
         B, T, _ = x.shape
         xin = x.unsqueeze(1)  # [B, 1, T, d]: the input is shared by all heads
         # flows that read no in-context state: computed once for the whole sequence
-        key = nl_flows.l2norm(xin)  # hope.nl:59  let key = input | l2norm
-        value = self.value_linear(xin)  # hope.nl:60  let value = input | linear(d -> d)
-        query = key  # hope.nl:61  let query = key
+        key = nl_flows.l2norm(xin)  # hope.nl:61  let key = input | l2norm
+        value = self.value_linear(xin)  # hope.nl:62  let value = input | linear(d -> d)
+        query = key  # hope.nl:63  let query = key
         # in-context state at the start of the sequence (learned)
         if self.persist and self.carry is not None and nl_flows.batch_of(self.carry) == B:
             state = self.carry  # kept from the previous call (reset never / test-time learning)
         else:
             state = self.start(B, x)
-        # hope.nl:64  every 64 tokens
+        # hope.nl:66  every 64 tokens
         state, out, chunk_states = nl_chunks.run_chunks(
             self.chunk,
             state,
@@ -342,7 +342,7 @@ class MidLevel(nn.Module):
         """
         (mid,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
-        # hope.nl:63  rule gd(lr = 0.0025)
+        # hope.nl:65  rule gd(lr = 0.000625)
         # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
         y, mid, _ = nl_chunk.chunk_step(
             MID_MEMORY,
@@ -353,7 +353,7 @@ class MidLevel(nn.Module):
             nl_flows.heads(key_c, 1),
             nl_flows.heads(value_c, 1),
             nl_flows.heads(query_c, 1),
-            0.0025,
+            0.000625,
             None,
             None,
         )
@@ -369,7 +369,7 @@ class MidLevel(nn.Module):
 # static `slow`
 # ---------------------------------------------------------------------------------------------
 class SlowLevel(nn.Module):
-    """Level `slow` (hope.nl:67): static, never.
+    """Level `slow` (hope.nl:69): static, never.
     state slow: mlp(128 -> 128, hidden=256, depth=2, act=silu)
     """
 
@@ -379,7 +379,7 @@ class SlowLevel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # hope.nl:67  level slow : mlp(d -> d, hidden = 2 * d) {
+        # hope.nl:69  level slow : mlp(d -> d, hidden = 2 * d) {
         self.slow = nl_flows.StaticMemory(SLOW_MEMORY)
 
     def forward(self, x):
@@ -392,20 +392,20 @@ class SlowLevel(nn.Module):
 # block `layer`
 # ---------------------------------------------------------------------------------------------
 class LayerBlock(nn.Module):
-    """Block `layer` (hope.nl:29), repeated 2 times: pre-norm residual sublayers x = x +
+    """Block `layer` (hope.nl:31), repeated 2 times: pre-norm residual sublayers x = x +
         f(norm(x)).
     """
 
     def __init__(self):
         super().__init__()
         self.titans_norm = nl_ops.RMSNorm(128)
-        self.titans = TitansLevel()  # hope.nl:32  level titans per head {
+        self.titans = TitansLevel()  # hope.nl:34  level titans per head {
         self.fast_norm = nl_ops.RMSNorm(128)
-        self.fast = FastLevel()  # hope.nl:49  level fast : mlp(d -> d, hidden = 2 * d) {
+        self.fast = FastLevel()  # hope.nl:51  level fast : mlp(d -> d, hidden = 2 * d) {
         self.mid_norm = nl_ops.RMSNorm(128)
-        self.mid = MidLevel()  # hope.nl:58  level mid : mlp(d -> d, hidden = 2 * d) {
+        self.mid = MidLevel()  # hope.nl:60  level mid : mlp(d -> d, hidden = 2 * d) {
         self.slow_norm = nl_ops.RMSNorm(128)
-        self.slow = SlowLevel()  # hope.nl:67  level slow : mlp(d -> d, hidden = 2 * d) {
+        self.slow = SlowLevel()  # hope.nl:69  level slow : mlp(d -> d, hidden = 2 * d) {
 
     def forward(self, x):
         x = x + self.titans(self.titans_norm(x))
@@ -474,7 +474,7 @@ def build_optimizers(model, cfg=None):
     optimizers = []
     params = [p for p in model.parameters() if id(p) not in grouped]
     groups = nl_model.param_groups(params, 0.1)
-    # hope.nl:78  rule adamw(lr = 2e-3, wd = 0.1)
+    # hope.nl:80  rule adamw(lr = 2e-3, wd = 0.1)
     optimizer = torch.optim.AdamW(
         groups,
         lr=0.002,
