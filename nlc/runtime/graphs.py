@@ -99,11 +99,13 @@ class GraphedLevel:
 
     def _capture(self, x, key):
         sample = x.detach().clone().requires_grad_(x.requires_grad)
-        autocast = torch.is_autocast_enabled("cuda")
+        # autocast as it stands, without its weight cache, which make_graphed_callables refuses
+        # (the casts are the same)
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         try:
-            # capture on the input's device (graphs capture the current device's stream); autocast
-            # without its weight cache, which make_graphed_callables refuses (the casts are the same)
-            with torch.cuda.device(x.device), torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
+            # capture on the input's device: a graph captures the current device's stream
+            with torch.cuda.device(x.device), autocast:
                 graphed = torch.cuda.make_graphed_callables(_Call(self.level), (sample,), num_warmup_iters=3,
                                                             allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - the level runs uncaptured; the reason is said once
