@@ -7,6 +7,8 @@ B x T tokens, fwd+bwd under bf16 autocast. Modes: ``eager``; ``scan`` / ``unroll
 level compiled, chunks through torch's scan / unrolled; ``unrolled_cg`` adds inductor's CUDA
 graphs); ``regional`` (nlc.runtime.regional: the chunk step compiled, the loop eager); ``graphs``
 / ``regional_graphs`` (the eager / regional level captured by torch.cuda.make_graphed_callables).
+``NLC_FUSED=0`` turns off the fused MLP chunk kernels (``nlc.runtime.fused``); each result
+records which it ran.
 ``--profile`` prints where the CPU and the GPU spend a step.
 """
 
@@ -89,7 +91,8 @@ def main():
                 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                     f = torch.cuda.make_graphed_callables(m, (x,), num_warmup_iters=3)
             first, ms, step = time_level(f, x)
-            r = {"mode": mode, "chunk": args.chunk, "first_s": round(first, 1), "step_ms": round(ms, 2),
+            r = {"mode": mode, "chunk": args.chunk, "fused": os.environ.get("NLC_FUSED", "1"),
+                 "first_s": round(first, 1), "step_ms": round(ms, 2),
                  "tokens_per_s": round(args.B * args.T / ms * 1e3)}
         except Exception as e:  # noqa: BLE001
             import traceback

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused as _fused
 from .memories import (
     OBJECTIVES,
     MemorySpec,
@@ -518,6 +519,8 @@ def chunk_step(
     dt, W0, S0, k, target, q, eta, alpha, beta = _prepare(
         weights0, moms0, k, target, q, eta, alpha, beta, rule
     )
+    if _fused.applies(spec, objective, rule, read, q, k, dt):
+        return _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt)
     _, a_list, u_list = forward_backward(spec, W0, k, target, objective, huber_delta)
     grads = [_Factored(u, a) for u, a in zip(u_list, a_list)]
     return _apply_rule(
@@ -536,6 +539,45 @@ def chunk_step(
         dt,
         None,
     )
+
+
+def _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt):
+    """``chunk_step`` through ``nlc.runtime.fused`` (one kernel each way for the chunk)."""
+    *batch, C, D = k.shape
+    n = 1
+    for b in batch:
+        n *= b
+    mom = rule.uses_momentum
+    co = _Coeffs(
+        alpha, beta, C, momentum=mom, full=False, dgd=False, dtype=dt, device=k.device
+    )
+
+    def rows(t: Tensor, tail) -> Tensor:
+        return torch.broadcast_to(t, (*batch, *tail)).reshape(n, *tail)
+
+    shapes = [tuple(w.shape[-2:]) for w in W0]
+    w1, w2 = (rows(w, sh) for w, sh in zip(W0, shapes))
+    cw = rows(co.G_end * eta, (C,))
+    gam = rows(co.gam_end, ())
+    if mom:
+        s1, s2 = (rows(s, sh) for s, sh in zip(S0, shapes))
+        cs = rows(co.mom_row * eta, (C,))
+        dd = rows(co.d_end, ())
+        bb = rows(co.b_end, ())
+    else:
+        s1 = s2 = cs = dd = bb = k.new_empty(0)
+    yq, w1e, w2e, s1e, s2e = _fused.mlp2_chunk(
+        k.reshape(n, C, D),
+        target.reshape(n, C, D),
+        q.reshape(n, C, D),
+        w1, w2, s1, s2, cw, cs, gam, dd, bb,
+        spec.act, spec.kind == "residual_mlp", mom, _fused.precision(k.device.type),
+    )  # fmt: skip
+    w_end = [w1e.reshape(*batch, *shapes[0]), w2e.reshape(*batch, *shapes[1])]
+    s_end = None
+    if mom:
+        s_end = [s1e.reshape(*batch, *shapes[0]), s2e.reshape(*batch, *shapes[1])]
+    return yq.reshape(*batch, C, D), w_end, s_end
 
 
 def _token_loss(objective: str, huber_delta: float, y: Tensor, v: Tensor) -> Tensor:

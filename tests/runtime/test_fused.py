@@ -1,0 +1,258 @@
+"""The fused depth-2 MLP chunk step (``nlc.runtime.fused``) equals ``chunk_step``'s float64 path.
+
+Outputs and the gradients of every input (keys, targets, queries, weights, momentum, and the
+gates through the coefficients) are compared with autograd through the unfused closed form in
+float64, itself checked against the per-token reference in ``test_chunk.py``. On CUDA the
+kernels run compiled (TF32 off); on the CPU they run through Triton's interpreter, which needs
+``TRITON_INTERPRET=1`` before Triton is imported::
+
+    TRITON_INTERPRET=1 python -m pytest tests/runtime/test_fused.py
+
+Without Triton (the CPU wheel of torch) every case skips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nlc.runtime import fused
+from nlc.runtime.chunk import RuleSpec, chunk_step
+from nlc.runtime.memories import MemorySpec
+
+needs_triton = pytest.mark.skipif(not fused.available(), reason="needs Triton")
+
+
+def _devices():
+    out = []
+    if torch.cuda.is_available():
+        out.append("cuda")
+    if fused.available() and type(fused._read_kernel).__name__ == "InterpretedFunction":
+        out.append("cpu")
+    return out or ["none"]
+
+
+def _inputs(spec, B, H, C, mom, decay, gen):
+    D = spec.din
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    k = torch.nn.functional.normalize(r(B, H, C, D), dim=-1)
+    v = r(B, H, C, D)
+    q = torch.nn.functional.normalize(r(B, H, C, D), dim=-1)
+    w = [r(H, o, i, scale=i**-0.5) for o, i in spec.weight_shapes()]  # learned init: [H, ...]
+    s = [r(B, H, o, i, scale=0.01) for o, i in spec.weight_shapes()] if mom else None
+    eta = torch.rand(B, H, C, generator=gen, dtype=torch.float64) * 0.5
+    alpha = 0.9 + 0.1 * torch.rand(B, H, C, generator=gen, dtype=torch.float64) if decay else None
+    beta = torch.rand(B, H, C, generator=gen, dtype=torch.float64) if mom else None
+    return k, v, q, w, s, eta, alpha, beta
+
+
+def _run(spec, rule, tensors, dtype, device):
+    k, v, q, w, s, eta, alpha, beta = tensors
+    leaves = [k, v, q, *w, *(s or []), eta, alpha, beta]
+    leaves = [
+        None if t is None else t.detach().to(device, dtype).requires_grad_() for t in leaves
+    ]
+    n = len(w)
+    k, v, q = leaves[:3]
+    w = leaves[3 : 3 + n]
+    s = leaves[3 + n : 3 + 2 * n] if s is not None else None
+    eta, alpha, beta = leaves[-3:]
+    y, w_end, s_end = chunk_step(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta)
+    outs = [y, *w_end, *(s_end or [])]
+    gen = torch.Generator().manual_seed(7)
+    probe = sum(
+        (o.double().cpu() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+        for o in outs
+    )
+    probe.backward()
+    grads = [None if t is None else t.grad.double().cpu() for t in leaves]
+    return [o.detach().double().cpu() for o in outs], grads
+
+
+def _close(a, b, tol):
+    scale = b.abs().max().item() + 1e-12
+    return (a - b).abs().max().item() / scale < tol
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize(
+    "kind,act,rule_kind,decay,C,hidden",
+    [
+        ("residual_mlp", "gelu", "momentum", True, 16, 128),
+        ("residual_mlp", "gelu", "momentum", True, 7, 64),
+        ("mlp", "silu", "gd", True, 16, 48),
+        ("mlp", "gelu", "gd", False, 33, 64),
+        ("residual_mlp", "silu", "momentum", False, 64, 32),
+    ],
+)
+def test_fused_chunk_matches_float64(monkeypatch, device, kind, act, rule_kind, decay, C, hidden):
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    else:
+        monkeypatch.setenv("NLC_FUSED", "interpret")
+    spec = MemorySpec(kind, 32, 32, hidden=hidden, depth=2, act=act)
+    rule = RuleSpec(rule_kind)
+    gen = torch.Generator().manual_seed(0)
+    tensors = _inputs(spec, 2, 3, C, rule.uses_momentum, decay, gen)
+    probe = torch.zeros(1, 1, C, 32, device=device)
+    assert fused.applies(spec, "l2", rule, "chunk", probe, probe, torch.float32)
+    outs, grads = _run(spec, rule, tensors, torch.float32, device)
+    with monkeypatch.context() as m:
+        m.setenv("NLC_FUSED", "0")
+        ref_outs, ref_grads = _run(spec, rule, tensors, torch.float64, "cpu")
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert _close(a, b, 1e-5), ("output", i)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        if b is None:
+            assert a is None
+            continue
+        assert _close(a, b, 1e-4), ("grad", i, (a - b).abs().max().item(), b.abs().max().item())
+
+
+def test_fused_path_declines_what_it_does_not_cover(monkeypatch):
+    monkeypatch.setenv("NLC_FUSED", "interpret")
+    x = torch.zeros(1, 1, 16, 32)
+    mlp = MemorySpec("mlp", 32, 32, hidden=64, depth=2, act="gelu")
+    gd = RuleSpec("gd")
+    if not fused.available():
+        assert not fused.applies(mlp, "l2", gd, "chunk", x, x, torch.float32)
+        return
+    assert fused.applies(mlp, "l2", gd, "chunk", x, x, torch.float32)
+    assert not fused.applies(mlp, "l2", gd, "chunk", x, x, torch.float64)
+    assert not fused.applies(mlp, "l2", gd, "causal", x, x, torch.float32)
+    assert not fused.applies(mlp, "dot", gd, "chunk", x, x, torch.float32)
+    assert not fused.applies(mlp, "l2", RuleSpec("dgd"), "chunk", x, x, torch.float32)
+    assert not fused.applies(mlp, "l2", gd, "chunk", None, x, torch.float32)
+    deep = MemorySpec("mlp", 32, 32, hidden=64, depth=3, act="gelu")
+    assert not fused.applies(deep, "l2", gd, "chunk", x, x, torch.float32)
+    relu = MemorySpec("mlp", 32, 32, hidden=64, depth=2, act="relu")
+    assert not fused.applies(relu, "l2", gd, "chunk", x, x, torch.float32)
+    monkeypatch.setenv("NLC_FUSED", "0")
+    assert not fused.applies(mlp, "l2", gd, "chunk", x, x, torch.float32)
+    monkeypatch.setenv("NLC_FUSED", "1")
+    assert not fused.applies(mlp, "l2", gd, "chunk", x, x, torch.float32)  # CPU tensors
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+def test_titans_level_fused_and_compiled_equals_unfused(monkeypatch, device):
+    """The generated Titans level, regional compile and fused kernels, over 2 chunks and a
+    partial one, against the same level eager and unfused (outputs and every gradient)."""
+    from pathlib import Path
+
+    from nlc.runtime.regional import compile_regions
+
+    from ..codegen.helpers import level_classes
+
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    root = Path(__file__).resolve().parents[2]
+    src = (root / "benchmarks" / "specs" / "titans_memory.nl").read_text()
+    src = src.replace("d = 512", "d = 64").replace("heads = 8", "heads = 2")
+    _, classes, _ = level_classes(src.replace("chunk = 64", "chunk = 16"))
+    torch.manual_seed(0)
+    m = classes["memory"]().to(device)
+    x = torch.randn(2, 40, 64, device=device, requires_grad=True)
+    w = torch.linspace(-1, 1, 2 * 40 * 64, device=device).view(2, 40, 64)
+
+    def run(mode):
+        monkeypatch.setenv("NLC_FUSED", mode)
+        x.grad = None
+        m.zero_grad()
+        (m(x) * w).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+
+    ref = run("0")
+    compile_regions(m)
+    got = run("interpret" if device == "cpu" else "1")
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert _close(a, b, 1e-4), (i, (a - b).abs().max().item())
+
+
+@pytest.mark.skipif(
+    not (fused.available() and torch.cuda.is_available()), reason="needs Triton and CUDA"
+)
+@pytest.mark.parametrize("C", [16, 64])
+def test_fused_under_bf16_autocast_tracks_the_unfused_path(monkeypatch, C):
+    """Under bf16 autocast both paths multiply bf16 operands (float32 state; the fused kernels
+    use TF32 for 64-token blocks): they agree to bf16 rounding."""
+    spec = MemorySpec("residual_mlp", 64, 64, hidden=256, depth=2, act="gelu")
+    rule = RuleSpec("momentum")
+    gen = torch.Generator().manual_seed(0)
+    tensors = _inputs(spec, 2, 4, C, True, True, gen)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert fused.precision("cuda") == "bf16"
+        outs, grads = _run(spec, rule, tensors, torch.float32, "cuda")
+        monkeypatch.setenv("NLC_FUSED", "0")
+        ref_outs, ref_grads = _run(spec, rule, tensors, torch.float32, "cuda")
+    for i, (a, b) in enumerate(zip(outs + grads, ref_outs + ref_grads)):
+        if b is not None:
+            assert _close(a, b, 3e-2), i
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("momentum", [True, False])
+def test_ops_pass_opcheck_with_strided_inputs(monkeypatch, device, momentum):
+    """``torch.library.opcheck`` (schema, fake tensors, autograd registration) on inputs that are
+    transposed views, as compiled callers hand them over: the fake outputs' strides must be the
+    real ones."""
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    N, C, D, HD = 3, 16, 32, 64
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).to(device)
+
+    k, v, q = (r(N, D, C).mT for _ in range(3))  # [N, C, D], not contiguous
+    w1, w2 = r(N, D, HD).mT, r(N, HD, D).mT
+    s1, s2 = r(N, HD, D), r(N, D, HD)
+    cw, cs, gam, dd, bb = r(N, C).abs(), r(N, C).abs(), r(N), r(N), r(N)
+    if not momentum:
+        s1 = s2 = cs = dd = bb = k.new_empty(0)
+    args = (k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, "silu", False, momentum, "ieee")
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.numel() else a for a in args)
+    torch.library.opcheck(fused.mlp2_chunk, args)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("name", ["titans_lmm", "cms_nested"])
+def test_example_model_regional_fused_equals_eager_unfused(monkeypatch, device, name):
+    """A whole example model (fused levels inside) under regional compile: loss and gradients
+    as the eager, unfused model (T=200: a partial last chunk)."""
+    import nlc
+    from nlc.runtime.regional import compile_regions
+
+    from ..codegen.helpers import shrink
+    from ..conftest import ROOT
+
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    text = shrink((ROOT / "examples" / f"{name}.nl").read_text(), d=64, heads=2, layers=2)
+    torch.manual_seed(0)
+    model = nlc.load(text)().to(device)
+    idx = torch.randint(0, 256, (2, 200), device=device)
+    monkeypatch.setenv("NLC_FUSED", "0")
+    _, ref = model(idx, idx)
+    ref.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setenv("NLC_FUSED", "interpret" if device == "cpu" else "1")
+    compile_regions(model)
+    _, loss = model(idx, idx)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
