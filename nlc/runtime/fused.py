@@ -300,14 +300,16 @@ if triton is not None:
 
     @triton.jit
     def _bwd_weights_kernel(
-        K, Q, E, GE, GYQ, W1, W2, GW1, GW2, GS1, GS2, S1, S2, CW, CS, GAM, DD, BB,
-        DW1, DW2, DS1, DS2, GK_P, GQ_P,
+        K, Q, E, GE_P, GYQ, W1, W2, GW1, GW2, GS1, GS2, S1, S2, CW, CS, GAM, DD, BB,
+        DW1, DW2, DS1, DS2, GK_P, GQ_P, SC_P,
         C,
         HD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
         ACT: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        """Grid ``(N, hidden / BH)``: one block's weight gradients (complete) and its parts of
-        ``gK`` (``gZ W1``) and ``gQ`` (the read's ``gZq W1``), stored at ``[n, block]``."""
+        """Grid ``(N, hidden / BH)``: one block's weight gradients (complete), its parts of
+        ``gK`` (``gZ W1``) and ``gQ`` (the read's ``gZq W1``), and of the gradients of ``gam``,
+        ``dd``, ``bb`` (``<GW, W>``, ``<GW, S>``, ``<GS, S>`` over the block), stored at
+        ``[n, block]``. ``gE`` is the sum of ``_bwd_sums_kernel``'s parts."""
         n = tl.program_id(0)
         jb = tl.program_id(1)
         j = jb * BH
@@ -323,13 +325,18 @@ if triton is not None:
         p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
         k = tl.load(K + tok, mask=m2, other=0.0)
         e = tl.load(E + tok, mask=m2, other=0.0)
-        ge = tl.load(GE + tok, mask=m2, other=0.0)
+        ge = tl.zeros([BC, D], dtype=tl.float32)
+        for i in range(NJ):
+            ge += tl.load(GE_P + (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :], mask=m2,
+                          other=0.0)  # fmt: skip
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
         gam = tl.load(GAM + n)
         w1 = tl.load(W1 + p1)
         w2 = tl.load(W2 + p2)
         gw1 = tl.load(GW1 + p1)
         gw2 = tl.load(GW2 + p2)
+        sc = (n * NJ + jb) * 3
+        tl.store(SC_P + sc, tl.sum(tl.sum(gw1 * w1, 1), 0) + tl.sum(tl.sum(gw2 * w2, 1), 0))
         h, d1, d2 = _act(_dot(k, tl.trans(w1), PREC), ACT)
         pp = _dot(e, w2, PREC)
         gdl = -cw[:, None] * _dot(k, tl.trans(gw1), PREC)
@@ -346,6 +353,10 @@ if triton is not None:
             gh -= cs[:, None] * _dot(e, gs2, PREC)
             tl.store(DS1 + p1, dd * gw1 + bb * gs1)
             tl.store(DS2 + p2, dd * gw2 + bb * gs2)
+            s1 = tl.load(S1 + p1)
+            s2 = tl.load(S2 + p2)
+            tl.store(SC_P + sc + 1, tl.sum(tl.sum(gw1 * s1, 1), 0) + tl.sum(tl.sum(gw2 * s2, 1), 0))
+            tl.store(SC_P + sc + 2, tl.sum(tl.sum(gs1 * s1, 1), 0) + tl.sum(tl.sum(gs2 * s2, 1), 0))
         gz = gdl * pp * d2 + gh * d1
         dw1 = gam * gw1 + _dot(tl.trans(gz), k, PREC)
         dw2 = (
@@ -365,6 +376,55 @@ if triton is not None:
         tl.store(DW2 + p2, dw2)
         tl.store(GK_P + part, gk, mask=m2)
         tl.store(GQ_P + part, _dot(gzq, w1, PREC), mask=m2)
+
+    @triton.jit
+    def _bwd_finish_kernel(
+        GE_P, GK_P, GK2_P, GQ_P, GCW_P, GCS_P, SC_P, GYQ,
+        DK, DV, DQ, DCW, DCS, DGAM, DDD, DBB,
+        C,
+        NJ: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
+        RES: tl.constexpr, MOM: tl.constexpr,
+    ):  # fmt: skip
+        """Grid ``(N,)``: the sums of the blocks' parts: ``gK``, ``gV = -gE``, ``gQ``, ``gcw``,
+        ``gcs`` and the gradients of ``gam``, ``dd``, ``bb``."""
+        n = tl.program_id(0)
+        rc = tl.arange(0, BC)
+        rd = tl.arange(0, D)
+        mc = rc < C
+        m2 = mc[:, None]
+        tok = n * C * D + rc[:, None] * D + rd[None, :]
+        ge = tl.zeros([BC, D], dtype=tl.float32)
+        gk = tl.zeros([BC, D], dtype=tl.float32)
+        gq = tl.zeros([BC, D], dtype=tl.float32)
+        gcw = tl.zeros([BC], dtype=tl.float32)
+        gcs = tl.zeros([BC], dtype=tl.float32)
+        r3 = tl.arange(0, 4)
+        sc = tl.zeros([4], dtype=tl.float32)
+        for i in range(NJ):
+            part = (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :]
+            ge += tl.load(GE_P + part, mask=m2, other=0.0)
+            gk += tl.load(GK_P + part, mask=m2, other=0.0) + tl.load(GK2_P + part, mask=m2,
+                                                                     other=0.0)  # fmt: skip
+            gq += tl.load(GQ_P + part, mask=m2, other=0.0)
+            gcw += tl.load(GCW_P + (n * NJ + i) * C + rc, mask=mc, other=0.0)
+            if MOM:
+                gcs += tl.load(GCS_P + (n * NJ + i) * C + rc, mask=mc, other=0.0)
+                sc += tl.load(SC_P + (n * NJ + i) * 3 + r3, mask=r3 < 3, other=0.0)
+            else:
+                sc += tl.load(SC_P + (n * NJ + i) * 3 + r3, mask=r3 < 1, other=0.0)
+        if RES:
+            gk += ge
+            gq += tl.load(GYQ + tok, mask=m2, other=0.0)
+        tl.store(DK + tok, gk, mask=m2)
+        tl.store(DV + tok, -ge, mask=m2)
+        tl.store(DQ + tok, gq, mask=m2)
+        tl.store(DCW + n * C + rc, gcw, mask=mc)
+        if MOM:
+            tl.store(DCS + n * C + rc, gcs, mask=mc)
+        tl.store(DGAM + n, tl.sum(tl.where(r3 == 0, sc, 0.0), 0))
+        if MOM:
+            tl.store(DDD + n, tl.sum(tl.where(r3 == 1, sc, 0.0), 0))
+            tl.store(DBB + n, tl.sum(tl.where(r3 == 2, sc, 0.0), 0))
 
 
 @torch.library.custom_op("nlc::mlp2_chunk", mutates_args=())
@@ -456,10 +516,14 @@ def mlp2_chunk_backward(
     residual: bool,
     momentum: bool,
     prec: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(k, v, q, w1, w2, s1, s2, cw, cs)`` of ``mlp2_chunk`` (see its shapes).
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:
+    """Gradients ``(k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb)`` of ``mlp2_chunk`` (see its
+    shapes; those of the momentum inputs are empty ``[0]`` tensors without momentum).
 
-    The gradients of ``gam, dd, bb`` are plain sums, formed by the caller.
+    Four kernels: ``_read_kernel`` (``E`` again), ``_bwd_sums_kernel``, ``_bwd_weights_kernel``
+    and ``_bwd_finish_kernel`` (the sums over the blocks of the hidden width).
     """
     N, C, D = k.shape
     HD = w1.shape[-2]
@@ -486,6 +550,13 @@ def mlp2_chunk_backward(
         s1, s2, gs1, gs2, ds1, ds2 = w1, w2, w1, w2, dw1, dw2  # never read or written
         cs = dd = bb = gam
         gcs_p = gcw_p
+    sc_p = k.new_empty(N, nj, 3)
+    dk, dv, dq = torch.empty_like(k), torch.empty_like(k), torch.empty_like(k)
+    dcw, dgam = torch.empty_like(cw), k.new_empty(N)
+    if momentum:
+        dcs, ddd, dbb = torch.empty_like(cw), k.new_empty(N), k.new_empty(N)
+    else:
+        dcs, ddd, dbb = dcw, dgam, dgam  # never written without momentum
     a = ACTS[act]
     with torch.cuda.device(k.device) if k.is_cuda else _null():
         _read_kernel[(N,)](
@@ -496,43 +567,35 @@ def mlp2_chunk_backward(
             k, e, w1, w2, gw1, gw2, gs1, gs2, cw, cs, ge_p, gk_p, gcw_p, gcs_p,
             C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["sums"],
         )  # fmt: skip
-        ge = ge_p.sum(1)
         _bwd_weights_kernel[(N, nj)](
-            k, q, e, ge, gyq, w1, w2, gw1, gw2, gs1, gs2, s1, s2, cw, cs, gam, dd, bb,
-            dw1, dw2, ds1, ds2, gk2_p, gq_p,
+            k, q, e, ge_p, gyq, w1, w2, gw1, gw2, gs1, gs2, s1, s2, cw, cs, gam, dd, bb,
+            dw1, dw2, ds1, ds2, gk2_p, gq_p, sc_p,
             C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["weights"],
         )  # fmt: skip
-    dk = gk_p.sum(1) + gk2_p.sum(1)
-    dq = gq_p.sum(1)
-    if residual:
-        dk = dk + ge
-        dq = dq + gyq
-    dcw = gcw_p.sum(1)
+        _bwd_finish_kernel[(N,)](
+            ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq, dk, dv, dq, dcw, dcs, dgam, ddd, dbb,
+            C, nj, D, bc, residual, momentum, num_warps=WARPS["read"],
+        )  # fmt: skip
     if momentum:
-        dcs = gcs_p.sum(1)
-    else:
-        ds1, ds2, dcs = k.new_empty(0), k.new_empty(0), k.new_empty(0)
-    return dk, -ge, dq, dw1, dw2, ds1, ds2, dcw, dcs
+        return dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs, dgam, ddd, dbb
+    none = [k.new_empty(0) for _ in range(5)]
+    return dk, dv, dq, dw1, dw2, none[0], none[1], dcw, none[2], dgam, none[3], none[4]
 
 
 @mlp2_chunk_backward.register_fake
 def _(k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, gyq, gw1, gw2, gs1, gs2, act, residual,
       momentum, prec):  # fmt: skip
-    def new(t):
+    def new(t):  # contiguous, like the real outputs
         return t.new_empty(t.shape)
 
-    none = k.new_empty(0)
-    return (
-        new(k),
-        new(k),
-        new(k),
-        new(w1),
-        new(w2),
-        new(w1) if momentum else none,
-        new(w2) if momentum else none.clone(),
-        new(cw),
-        new(cw) if momentum else none.clone(),
-    )
+    def none():
+        return k.new_empty(0)
+
+    if momentum:
+        return (new(k), new(k), new(k), new(w1), new(w2), new(w1), new(w2), new(cw), new(cw),
+                new(gam), new(gam), new(gam))  # fmt: skip
+    return (new(k), new(k), new(k), new(w1), new(w2), none(), none(), new(cw), none(), new(gam),
+            none(), none())  # fmt: skip
 
 
 class _null:
@@ -560,16 +623,13 @@ def _backward(ctx, gyq, gw1, gw2, gs1, gs2):
         gs2 = torch.zeros_like(w2) if gs2 is None else gs2
     else:
         gs1, gs2 = k.new_empty(0), k.new_empty(0)
-    dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs = mlp2_chunk_backward(
+    dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs, dgam, ddd, dbb = mlp2_chunk_backward(
         k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, gyq, gw1, gw2, gs1, gs2,
         ctx.act, ctx.residual, mom, ctx.prec,
     )  # fmt: skip
-    ggam = (gw1 * w1).sum((-2, -1)) + (gw2 * w2).sum((-2, -1))
     if not mom:
-        return (dk, dv, dq, dw1, dw2, None, None, dcw, None, ggam) + (None,) * 6
-    gdd = (gw1 * s1).sum((-2, -1)) + (gw2 * s2).sum((-2, -1))
-    gbb = (gs1 * s1).sum((-2, -1)) + (gs2 * s2).sum((-2, -1))
-    return (dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs, ggam, gdd, gbb) + (None,) * 4
+        return (dk, dv, dq, dw1, dw2, None, None, dcw, None, dgam) + (None,) * 6
+    return (dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs, dgam, ddd, dbb) + (None,) * 4
 
 
 mlp2_chunk.register_autograd(_backward, setup_context=_setup_context)
