@@ -542,30 +542,28 @@ def chunk_step(
 
 
 def _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt):
-    """``chunk_step`` through ``nlc.runtime.fused`` (one kernel each way for the chunk)."""
+    """``chunk_step`` through ``nlc.runtime.fused``: the gates' coefficients and the chunk, each
+    a custom op of Triton kernels (forward and backward)."""
     *batch, C, D = k.shape
     n = 1
     for b in batch:
         n *= b
     mom = rule.uses_momentum
-    co = _Coeffs(
-        alpha, beta, C, momentum=mom, full=False, dgd=False, dtype=dt, device=k.device
-    )
 
     def rows(t: Tensor, tail) -> Tensor:
         return torch.broadcast_to(t, (*batch, *tail)).reshape(n, *tail)
 
     shapes = [tuple(w.shape[-2:]) for w in W0]
     w1, w2 = (rows(w, sh) for w, sh in zip(W0, shapes))
-    cw = rows(co.G_end * eta, (C,))
-    gam = rows(co.gam_end, ())
+    # the coefficients of _Coeffs (full=False), from the gates in one kernel each way
+    eta_r = rows(eta, (C,))
+    alpha_r = rows(alpha, (C,)) if alpha is not None else torch.ones_like(eta_r)
+    beta_r = rows(beta, (C,)) if mom else alpha_r
+    cw, cs, gam, dd, bb = _fused.chunk_coefficients(eta_r, alpha_r, beta_r, mom)
     if mom:
         s1, s2 = (rows(s, sh) for s, sh in zip(S0, shapes))
-        cs = rows(co.mom_row * eta, (C,))
-        dd = rows(co.d_end, ())
-        bb = rows(co.b_end, ())
     else:
-        s1 = s2 = cs = dd = bb = k.new_empty(0)
+        s1 = s2 = k.new_empty(0)
     yq, w1e, w2e, s1e, s2e = _fused.mlp2_chunk(
         k.reshape(n, C, D),
         target.reshape(n, C, D),

@@ -256,3 +256,43 @@ def test_example_model_regional_fused_equals_eager_unfused(monkeypatch, device, 
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     for n, g in grads.items():
         torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("C,momentum", [(16, True), (7, True), (16, False), (33, True), (64, True)])
+def test_coefficients_match_the_closed_form_with_zero_gates(monkeypatch, device, C, momentum):
+    """``chunk_coefficients`` (float32) against ``chunk._Coeffs`` in float64, values and the
+    gradients of every gate, with some gates exactly zero (products, never divisions)."""
+    from nlc.runtime.chunk import _Coeffs
+
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    gen = torch.Generator().manual_seed(C)
+    N = 5
+    eta = torch.rand(N, C, generator=gen, dtype=torch.float64)
+    alpha = 0.5 + 0.5 * torch.rand(N, C, generator=gen, dtype=torch.float64)
+    beta = torch.rand(N, C, generator=gen, dtype=torch.float64)
+    alpha[0, min(3, C - 1)] = 0.0
+    alpha[3, 0] = 0.0
+    beta[1, min(2, C - 1)] = 0.0
+    beta[2, C - 1] = 0.0
+    ref_leaves = [t.clone().requires_grad_() for t in (eta, alpha, beta)]
+    co = _Coeffs(ref_leaves[1], ref_leaves[2] if momentum else None, C, momentum=momentum,
+                 full=False, dgd=False, dtype=torch.float64, device="cpu")  # fmt: skip
+    ref = [co.G_end * ref_leaves[0], co.gam_end]
+    if momentum:
+        ref += [co.mom_row * ref_leaves[0], co.d_end, co.b_end]
+    probes = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref]
+    sum((r * p).sum() for r, p in zip(ref, probes)).backward()
+    leaves = [t.detach().to(device, torch.float32).requires_grad_() for t in (eta, alpha, beta)]
+    cw, cs, gam, dd, bb = fused.chunk_coefficients(*leaves, momentum)
+    out = [cw, gam] + ([cs, dd, bb] if momentum else [])
+    sum((o.double().cpu() * p).sum() for o, p in zip(out, probes)).backward()
+    for o, r in zip(out, ref):
+        assert _close(o.detach().double().cpu(), r.detach(), 1e-6)
+    for a, b in zip(leaves, ref_leaves):
+        if b.grad is None:
+            assert a.grad is None
+        else:
+            assert _close(a.grad.double().cpu(), b.grad, 1e-5)
