@@ -27,7 +27,7 @@ def _devices():
     out = []
     if torch.cuda.is_available():
         out.append("cuda")
-    if fused.available() and type(fused._read_kernel).__name__ == "InterpretedFunction":
+    if fused.available() and type(fused.mlp2._read_kernel).__name__ == "InterpretedFunction":
         out.append("cpu")
     return out or ["none"]
 

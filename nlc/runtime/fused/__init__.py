@@ -1,0 +1,93 @@
+"""Fused chunk steps for depth-2 MLP memories: Triton kernels as custom ops, forward and backward.
+
+``nlc.runtime.chunk.chunk_step`` writes one chunk of an in-context memory as about a dozen
+batched products plus the gates' decay products, and autograd makes its backward several dozen
+more: at the small periods of Titans (16 or 64 tokens) each is a tiny kernel, and a training
+step is thousands of them in sequence. For the common case ``chunk._fused_step`` runs the chunk
+as two custom ops instead, each a few Triton kernels with a hand-written backward:
+
+* memory ``mlp`` or ``residual_mlp`` of depth 2 (``y = W2 act(W1 x) (+ x)``), ``din == dout``
+  a power of two in 16..128, ``hidden`` a multiple of 16, activation ``gelu`` or ``silu``;
+* objective ``l2``; rule ``gd`` or ``momentum`` (any decay); read ``chunk``; float32 state.
+
+With ``u_s, a_s`` the factors of token ``s``'s inner gradient of weight ``l`` at the chunk-start
+weights ``W_0`` (``nlc.runtime.memories.forward_backward``), ``chunk_step``'s chunk-end state is
+
+    W_end = gam W_0 + dd S_0 - sum_s cw_s u_s a_s^T        S_end = bb S_0 - sum_s cs_s u_s a_s^T
+
+with per-token coefficients ``cw, cs`` and per-memory scalars ``gam, dd, bb`` that depend only
+on the gates (``chunk._Coeffs``):
+
+* ``coefficients.chunk_coefficients``: ``cw, cs, gam, dd, bb`` from the gates (suffix products
+  and one linear recurrence, as Triton scans; one kernel each way);
+* ``mlp2.mlp2_chunk``: the read ``y = M_{W_0}(q)`` and the chunk-end state (``_read_kernel``,
+  ``_write_kernel``); its backward recomputes the error and the hidden activations
+  (``_read_kernel``, ``_bwd_sums_kernel``, ``_bwd_weights_kernel``, ``_bwd_finish_kernel``).
+
+``tests/runtime/test_fused.py`` checks both against autograd through the unfused closed form in
+float64, on CUDA and on the CPU through Triton's interpreter. The products' operands are what
+the unfused path's ``matmul`` would use (``precision``): bf16 under bf16 autocast (TF32 for
+chunks of 33-128 tokens, ``mlp2._kernel_precision`` says why), TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` is on, IEEE float32 otherwise; state, accumulation and
+everything elementwise stay float32.
+
+``NLC_FUSED=0`` turns the fused path off; ``NLC_FUSED=interpret`` also uses it for CPU tensors
+(it needs ``TRITON_INTERPRET=1`` set before Triton is imported; tests only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ._triton import triton
+from .coefficients import chunk_coefficients
+from .mlp2 import ACTS, PRECISIONS, WARPS, mlp2_chunk, precision
+
+__all__ = [
+    "ACTS",
+    "PRECISIONS",
+    "WARPS",
+    "applies",
+    "available",
+    "chunk_coefficients",
+    "mlp2_chunk",
+    "precision",
+]
+
+
+def available() -> bool:
+    """Whether Triton can be imported."""
+    return triton is not None
+
+
+def _mode() -> str:
+    return os.environ.get("NLC_FUSED", "1")
+
+
+def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype) -> bool:
+    """Whether ``chunk_step`` may take the fused path for these arguments."""
+    mode = _mode()
+    if mode == "0" or triton is None:
+        return False
+    if not (k.is_cuda or mode == "interpret"):
+        return False
+    C = k.shape[-2]
+    D = spec.din
+    return (
+        spec.kind in ("mlp", "residual_mlp")
+        and spec.depth == 2
+        and spec.act in ACTS
+        and spec.dout == D
+        and D in (16, 32, 64, 128)
+        and spec.hidden % 16 == 0
+        and objective == "l2"
+        and not rule.is_dgd
+        and read == "chunk"
+        and q is not None
+        and q.shape == k.shape
+        and dtype == torch.float32
+        and 1 <= C <= 128
+    )
