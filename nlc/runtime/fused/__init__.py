@@ -7,8 +7,9 @@ step is thousands of them in sequence. For the common case ``chunk._fused_step``
 as two custom ops instead, each a few Triton kernels with a hand-written backward:
 
 * memory ``mlp`` or ``residual_mlp`` of depth 2 (``y = W2 act(W1 x) (+ x)``), ``din == dout``
-  a power of two in 16..128, ``hidden`` a multiple of 16, activation ``gelu`` or ``silu``;
-* objective ``l2``; rule ``gd`` or ``momentum`` (any decay); read ``chunk``; float32 state.
+  16, 32 or 64, ``hidden`` a multiple of 16, activation ``gelu`` or ``silu``;
+* objective ``l2``; rule ``gd`` or ``momentum`` (any decay); read ``chunk``; float32 state;
+  chunks of at most 64 tokens (the sizes run on an H200; larger tiles are untried there).
 
 With ``u_s, a_s`` the factors of token ``s``'s inner gradient of weight ``l`` at the chunk-start
 weights ``W_0`` (``nlc.runtime.memories.forward_backward``), ``chunk_step``'s chunk-end state is
@@ -27,7 +28,7 @@ on the gates (``chunk._Coeffs``):
 ``tests/runtime/test_fused.py`` checks both against autograd through the unfused closed form in
 float64, on CUDA and on the CPU through Triton's interpreter. The products' operands are what
 the unfused path's ``matmul`` would use (``precision``): bf16 under bf16 autocast (TF32 for
-chunks of 33-128 tokens, ``mlp2._kernel_precision`` says why), TF32 when
+chunks of 33-64 tokens, ``mlp2._kernel_precision`` says why), TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is on, IEEE float32 otherwise; state, accumulation and
 everything elementwise stay float32.
 
@@ -81,7 +82,7 @@ def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype) -> bool:
         and spec.depth == 2
         and spec.act in ACTS
         and spec.dout == D
-        and D in (16, 32, 64, 128)
+        and D in (16, 32, 64)
         and spec.hidden % 16 == 0
         and objective == "l2"
         and not rule.is_dgd
@@ -89,5 +90,5 @@ def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype) -> bool:
         and q is not None
         and q.shape == k.shape
         and dtype == torch.float32
-        and 1 <= C <= 128
+        and 1 <= C <= 64
     )
