@@ -519,7 +519,7 @@ def chunk_step(
     dt, W0, S0, k, target, q, eta, alpha, beta = _prepare(
         weights0, moms0, k, target, q, eta, alpha, beta, rule
     )
-    if _fused.applies(spec, objective, rule, read, q, k, dt):
+    if _fused.applies(spec, objective, rule, read, q, k, dt, [*W0, *(S0 or ())]):
         return _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt)
     _, a_list, u_list = forward_backward(spec, W0, k, target, objective, huber_delta)
     grads = [_Factored(u, a) for u, a in zip(u_list, a_list)]

@@ -135,6 +135,10 @@ def test_fused_path_declines_what_it_does_not_cover(monkeypatch):
     assert not fused.applies(relu, "l2", gd, "chunk", x, x, torch.float32)
     long = torch.zeros(1, 1, 65, 32)
     assert not fused.applies(mlp, "l2", gd, "chunk", long, long, torch.float32)
+    w_big = [torch.zeros(3, 1, 64, 32), torch.zeros(3, 1, 32, 64)]  # more batch than the keys
+    assert not fused.applies(mlp, "l2", gd, "chunk", x, x, torch.float32, w_big)
+    w_ok = [torch.zeros(1, 64, 32), torch.zeros(1, 32, 64)]
+    assert fused.applies(mlp, "l2", gd, "chunk", x, x, torch.float32, w_ok)
     wide = MemorySpec("mlp", 128, 128, hidden=256, depth=2, act="gelu")
     x128 = torch.zeros(1, 1, 16, 128)
     assert not fused.applies(wide, "l2", gd, "chunk", x128, x128, torch.float32)

@@ -32,6 +32,10 @@ chunks of 33-64 tokens, ``mlp2._kernel_precision`` says why), TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is on, IEEE float32 otherwise; state, accumulation and
 everything elementwise stay float32.
 
+Differences from the unfused path: the read comes back in float32 (under autocast the unfused
+``mlp`` read is bf16), and there are no gradients of gradients (``create_graph=True`` through a
+fused level raises; run with ``NLC_FUSED=0`` for that).
+
 ``NLC_FUSED=0`` turns the fused path off; ``NLC_FUSED=interpret`` also uses it for CPU tensors
 (it needs ``TRITON_INTERPRET=1`` set before Triton is imported; tests only).
 """
@@ -68,8 +72,12 @@ def _mode() -> str:
     return os.environ.get("NLC_FUSED", "1")
 
 
-def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype) -> bool:
-    """Whether ``chunk_step`` may take the fused path for these arguments."""
+def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype, states=()) -> bool:
+    """Whether ``chunk_step`` may take the fused path for these arguments.
+
+    ``states``: the chunk-start weights and momentum (``[..., out, in]``); their batch shape
+    must broadcast to the keys' (``[..., C, din]``), and every kernel offset must fit in int32.
+    """
     mode = _mode()
     if mode == "0" or triton is None:
         return False
@@ -91,4 +99,19 @@ def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype) -> bool:
         and q.shape == k.shape
         and dtype == torch.float32
         and 1 <= C <= 64
+        and _fits(k, states, spec.hidden)
     )
+
+
+def _fits(k: Tensor, states, hidden: int) -> bool:
+    batch = tuple(k.shape[:-2])
+    try:
+        if torch.broadcast_shapes(batch, *(tuple(s.shape[:-2]) for s in states)) != batch:
+            return False  # a state with more batch than the keys: the unfused path broadcasts
+    except RuntimeError:
+        return False
+    n = 1
+    for b in batch:
+        n *= b
+    C, D = k.shape[-2:]
+    return n * hidden * D * max(C, 1) < 2**31  # the kernels' offsets are int32
