@@ -914,11 +914,12 @@ def titans_candidate(run: Run, tp, dims: dict, C: int, B: int, T: int, variant: 
     """titans-pytorch's NeuralMemory: dim, heads x 64, its default 2-layer MLP memory (x4, GELU).
 
     On CUDA with the accelerated (Triton) scan that train_mac.py turns on; if that fails here,
-    with the plain PyTorch scan (noted).
+    with the plain PyTorch scan (noted); ``--titans-scan`` picks one.
     """
     d, H = dims["d"], dims["heads"]
     notes = []
-    for accelerated in (True, False) if run.cuda else (False,):
+    scans = {"auto": (True, False), "accelerated": (True,), "plain": (False,)}[run.args.titans_scan]
+    for accelerated in scans if run.cuda else (False,):
         torch.manual_seed(0)
         mem = tp.NeuralMemory(
             dim=d,
@@ -1936,6 +1937,14 @@ def parse_args(argv=None):
         action="store_true",
         help="also try titans-pytorch in CUDA graphs (off by default: its capture failed on torch 2.11, and a failed "
         "capture can leave the CUDA context unusable for the rest of the run)",
+    )
+    p.add_argument(
+        "--titans-scan",
+        choices=("auto", "accelerated", "plain"),
+        default="auto",
+        help="titans-pytorch's scan on CUDA: auto (its accelerated Triton scan, the plain one if that fails), "
+        "accelerated, or plain (at period 64 its accelerated path hit a CUDA error on its own on the H200: "
+        "benchmarks/order_diag.py)",
     )
     p.add_argument(
         "--skip-peer-compile",

@@ -412,16 +412,19 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     if not batched:
         upd.append(Line(f"# rule {lv.rule}: closed-form inner gradients at the chunk-start state, exact chunk form",
                         0, _line_comment(program, lv.clause_span("rule"))))
+    step_args = {}
     for st in ([] if batched else lv.states):
         sv = em.state_var[st.name]
         mv = em.mom_var.get(st.name, "None")
         is_read = st.name == read_state
         q = f"nl_flows.heads({query}, {H})" if is_read else "None"
         read_kw = f", read={lv.read_mode!r}" if is_read and lv.read_mode != "chunk" else ""
+        step_args[st.name] = (f"{em.memory_spec(st)}, {lv.objective!r}, {rule_c}, {sv}, {mv}, "
+                              f"nl_flows.heads({key}, {H}), {targets[st.name]}, {q}, {eta}, {alpha}, {beta}"
+                              f"{read_kw}{obj_args}")
         upd.append(Line(
             f"{'y' if is_read else '_'}, {sv}, {mv if momentum else '_'} = nl_chunk.chunk_step("
-            f"{em.memory_spec(st)}, {lv.objective!r}, {rule_c}, {sv}, {mv}, nl_flows.heads({key}, {H}), "
-            f"{targets[st.name]}, {q}, {eta}, {alpha}, {beta}{read_kw}{obj_args})"))
+            f"{step_args[st.name]})"))
     if lv.grad_writes.mode == "stop":
         upd.append(Line("# grad through writes stop: the outer loss does not see the writes"))
         for v in states + moms:
@@ -443,6 +446,33 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         "the whole-sequence flows, each [B, H', C, w].",
         "Returns (the state at the chunk end, y [B, heads, C, w]).",
     ], body))
+
+    # ---- sequence(): every chunk in one fused op, where the chunk is one chunk_step -------------
+    # of a memory the fused kernels may cover (a depth-2 MLP, l2, gd or momentum, chunk read): one
+    # state read by itself, no flow reading the state, plain targets, gradients through every write,
+    # no reset inside the sequence. nl_chunks.sequence_step checks the sizes at run time.
+    mem0 = lv.states[0].memory
+    if (S == 1 and not batched and not chunk_lines and lv.target != "self" and lv.grad_writes.mode == "full"
+            and nested_parent is None and lv.reset.mode != "every" and lv.objective == "l2"
+            and lv.rule in ("gd", "momentum") and lv.read_mode == "chunk"
+            and mem0.kind in ("mlp", "residual_mlp") and mem0.depth == 2):
+        st = lv.states[0]
+        sv, mv = em.state_var[st.name], em.mom_var.get(st.name, "None")
+        seq = [body[0], Line(f"{', '.join(xs_chunk)}{',' if len(xs_chunk) == 1 else ''} = xs  # the whole sequence's "
+                             "tokens")]
+        seq.append(Line(f"done = nl_chunks.sequence_step({step_args[st.name]}, chunk={C})", 0,
+                        _line_comment(program, lv.clause_span("rule"))))
+        seq.append(Line("if done is None:"))
+        seq.append(Line("return None  # not covered by the fused kernels: run_chunks runs `chunk`", 1))
+        seq.append(Line(f"y, {sv}, {mv if momentum else '_'} = done"))
+        seq.append(body[-1])
+        cls.methods.append(("sequence", "state, xs", [
+            f"The whole sequence in chunks of {C} tokens through one fused op (nl_chunks.sequence_step),",
+            "or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.",
+        ], seq))
+        kw_seq = ["sequence=self.sequence"]
+    else:
+        kw_seq = []
 
     # ---- start(): the state a sequence starts from ---------------------------------------------
     if nested_parent is None:
@@ -498,6 +528,7 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     if lv.grad_writes.mode == "truncate":
         kw.append(f"truncate={lv.grad_writes.chunks}")
     kw.append("keep_states=keep_chunk_states")
+    kw += kw_seq
     xs = ", ".join(xs_seq) + ("," if len(xs_seq) == 1 else "")
     fwd.append(Line(f"state, out, chunk_states = nl_chunks.run_chunks(self.chunk, state, ({xs}), T, {C}, "
                     f"{', '.join(kw)})", 0, _line_comment(program, lv.period.span) if lv.period.span.start else ""))

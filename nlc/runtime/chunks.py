@@ -20,6 +20,13 @@ The final state is for carrying (detached) and for the state norm: generated cod
 back-propagates through it, and torch's ``scan`` backward rejects some gradients into final
 carries, so do not.
 
+``sequence``: a level may also hand ``run_chunks`` a whole-sequence step, ``sequence(state, xs)
+-> (state, y)`` or ``None``. Where the sequence is one run of chunks (no reset inside it, no
+truncation, no kept states), ``run_chunks`` tries it first and falls back to the chunks when it
+returns ``None``. Generated levels whose chunk is one ``chunk_step`` pass one that calls
+:func:`sequence_step`: every chunk of the sequence in one fused op, where the fused kernels
+(``nlc.runtime.fused``) cover the memory.
+
 Shapes: every tensor of ``xs`` has the token axis at dim -2 (``[B, H', T, w]``); ``y`` comes
 back ``[B, H, T, w]``. ``state`` is any pytree of tensors.
 """
@@ -27,13 +34,14 @@ back ``[B, H, T, w]``. ``state`` is any pytree of tensors.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["run_chunks", "detach", "boundaries"]
+__all__ = ["run_chunks", "detach", "boundaries", "sequence_step"]
 
 Step = Callable[[Any, tuple], tuple[Any, Tensor]]
 
@@ -87,14 +95,21 @@ def _use_scan() -> bool:
 
 def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int | None = None,
                restart: Callable[[int], Any] | None = None, truncate: int | None = None,
-               keep_states: bool = False):
+               keep_states: bool = False, sequence: Callable[[Any, tuple], Any] | None = None):
     """Apply ``step`` to every chunk; returns ``(final state, y [.., T, w], chunk_states)``.
 
     ``chunk_states`` is the list of chunk-start states when ``keep_states``, else ``[]``.
+    ``sequence``: a whole-sequence step tried first (module docstring).
     """
     ys: list[Tensor] = []
     kept: list = []
-    for s0, s1, reset, cut in boundaries(T, C, reset_every, truncate):
+    segments = boundaries(T, C, reset_every, truncate)
+    if sequence is not None and not keep_states and len(segments) == 1:
+        done = sequence(state, xs)
+        if done is not None:
+            state, y = done
+            return state, y, kept
+    for s0, s1, reset, cut in segments:
         if cut:
             state = detach(state)
         if reset:  # after the cut: a fresh initial state keeps its gradient path to the init
@@ -140,3 +155,60 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.contiguous()
+
+
+def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0: Sequence[Tensor] | None,
+                  k: Tensor, target: Tensor, q: Tensor, eta, alpha=None, beta=None, *, chunk: int,
+                  read: str = "chunk"):
+    """``chunk_step`` over every chunk of ``chunk`` tokens of a whole sequence, in one fused op; or
+    ``None`` where the fused kernels do not cover the memory (then run the chunks one by one).
+
+    Arguments as ``nlc.runtime.chunk.chunk_step``'s, with the keys, targets, queries
+    ``[B, H, T, w]`` and gates ``[B, H, T]`` of the whole sequence. The full chunks go through
+    ``nlc.runtime.fused.mlp2_sequence``; a last partial chunk (``T mod chunk`` tokens) through
+    ``chunk_step``, as ``run_chunks`` applies it. Returns ``(y [B, H, T, dout], weights at the
+    end, momentum at the end or None)``: the values of ``run_chunks`` over ``chunk_step``.
+    """
+    from . import chunk as _chunk
+    from . import fused as _fused
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    _chunk._check_call(rule, read, moms0, beta, objective)
+    _chunk._check_shapes(spec, weights0, moms0, k, target, q, read)
+    dt = _chunk._compute_dtype(*weights0, *(moms0 or ()), k, target, q, eta, alpha, beta)
+    states = [*weights0, *(moms0 or ())]
+    T = k.shape[-2]
+    n = T // chunk
+    if n < 1 or not _fused.applies(spec, objective, rule, read, q, k, dt, states, chunk=chunk):
+        return None
+    full = n * chunk
+    mom = rule.uses_momentum
+
+    def head(t):
+        return t[..., :full, :] if t.shape[-2] != full else t
+
+    def head_gate(g):
+        if not isinstance(g, Tensor) or g.shape[-1] == 1 or g.shape[-1] == full:
+            return g
+        return g[..., :full]
+
+    y, W, S = _fused.run_sequence(
+        spec, mom, list(weights0), list(moms0) if moms0 is not None else None, head(k),
+        head(target), head(q), head_gate(eta), head_gate(alpha) if alpha is not None else None,
+        head_gate(beta) if mom else None, chunk, _fused.precision(k.device.type),
+    )  # fmt: skip
+    if full == T:
+        return y, W, S
+
+    def tail_gate(g):
+        if not isinstance(g, Tensor) or g.shape[-1] == 1:
+            return g
+        return g[..., full:]
+
+    y2, W, S = _chunk.chunk_step(
+        spec, objective, rule, W, S, k[..., full:, :], target[..., full:, :], q[..., full:, :],
+        tail_gate(eta), tail_gate(alpha) if alpha is not None else None,
+        tail_gate(beta) if beta is not None else None, read=read,
+    )  # fmt: skip
+    return torch.cat([y, y2], dim=-2), W, S

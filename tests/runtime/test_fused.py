@@ -151,8 +151,9 @@ def test_fused_path_declines_what_it_does_not_cover(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("device", _devices())
 def test_titans_level_fused_and_compiled_equals_unfused(monkeypatch, device):
-    """The generated Titans level, regional compile and fused kernels, over 2 chunks and a
-    partial one, against the same level eager and unfused (outputs and every gradient)."""
+    """The generated Titans level, regional compile and fused kernels (the whole-sequence op for
+    2 chunks, the chunk op for a partial one), against the same level eager and unfused (outputs
+    and every gradient)."""
     from pathlib import Path
 
     from nlc.runtime.regional import compile_regions
@@ -180,8 +181,12 @@ def test_titans_level_fused_and_compiled_equals_unfused(monkeypatch, device):
         return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
 
     ref = run("0")
+    calls = []
+    real = fused.run_sequence
+    monkeypatch.setattr(fused, "run_sequence", lambda *a: calls.append(1) or real(*a))
     compile_regions(m)
     got = run("interpret" if device == "cpu" else "1")
+    assert calls, "the level did not take the whole-sequence op"
     for i, (a, b) in enumerate(zip(got, ref)):
         assert _close(a, b, 1e-4), (i, (a - b).abs().max().item())
 
@@ -305,3 +310,116 @@ def test_coefficients_match_the_closed_form_with_zero_gates(monkeypatch, device,
             assert a.grad is None
         else:
             assert _close(a.grad.double().cpu(), b.grad, 1e-5)
+
+
+def _run_sequence(spec, rule, tensors, C, dtype, device, fused_path):
+    """Outputs and gradients of a whole sequence: ``sequence_step`` (one fused op) when
+    ``fused_path``, else ``chunk.scan`` (chunk by chunk)."""
+    from nlc.runtime.chunk import scan
+    from nlc.runtime.chunks import sequence_step
+
+    k, v, q, w, s, eta, alpha, beta = tensors
+    leaves = [k, v, q, *w, *(s or []), eta, alpha, beta]
+    leaves = [None if t is None else t.detach().to(device, dtype).requires_grad_() for t in leaves]
+    n = len(w)
+    k, v, q = leaves[:3]
+    w = leaves[3 : 3 + n]
+    s = leaves[3 + n : 3 + 2 * n] if s is not None else None
+    eta, alpha, beta = leaves[-3:]
+    if fused_path:
+        done = sequence_step(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta, chunk=C)
+        assert done is not None
+        y, w_end, s_end = done
+    else:
+        y, w_end, s_end = scan(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta, C)
+    outs = [y, *w_end, *(s_end or [])]
+    gen = torch.Generator().manual_seed(7)
+    probe = sum(
+        (o.double().cpu() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+        for o in outs
+    )
+    probe.backward()
+    grads = [None if t is None else t.grad.double().cpu() for t in leaves]
+    return [o.detach().double().cpu() for o in outs], grads
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize(
+    "kind,act,rule_kind,decay,C,T",
+    [
+        ("residual_mlp", "gelu", "momentum", True, 16, 64),
+        ("residual_mlp", "gelu", "momentum", True, 16, 45),  # two full chunks and 13 tokens
+        ("mlp", "silu", "gd", True, 7, 21),
+        ("mlp", "gelu", "gd", False, 8, 8),  # one chunk
+        ("residual_mlp", "silu", "momentum", False, 5, 23),
+    ],
+)
+def test_fused_sequence_matches_the_chunks_in_float64(monkeypatch, device, kind, act, rule_kind,
+                                                      decay, C, T):  # fmt: skip
+    """``chunks.sequence_step`` (every chunk in one op) against ``chunk.scan`` chunk by chunk in
+    float64 (unfused, itself checked per token): outputs, end state, and every gradient."""
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    else:
+        monkeypatch.setenv("NLC_FUSED", "interpret")
+    spec = MemorySpec(kind, 32, 32, hidden=64, depth=2, act=act)
+    rule = RuleSpec(rule_kind)
+    gen = torch.Generator().manual_seed(1)
+    tensors = _inputs(spec, 2, 3, T, rule.uses_momentum, decay, gen)
+    outs, grads = _run_sequence(spec, rule, tensors, C, torch.float32, device, True)
+    with monkeypatch.context() as m:
+        m.setenv("NLC_FUSED", "0")
+        ref_outs, ref_grads = _run_sequence(spec, rule, tensors, C, torch.float64, "cpu", False)
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert _close(a, b, 1e-5), ("output", i)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        if b is None:
+            assert a is None
+            continue
+        assert _close(a, b, 1e-4), ("grad", i, (a - b).abs().max().item(), b.abs().max().item())
+
+
+def test_sequence_step_declines_what_the_kernels_do_not_cover(monkeypatch):
+    """``sequence_step`` returns None (the caller runs the chunks) off the fused path: CPU tensors
+    without the interpreter, ``NLC_FUSED=0``, a causal read, fewer tokens than one chunk."""
+    from nlc.runtime.chunks import sequence_step
+
+    spec = MemorySpec("mlp", 32, 32, hidden=64, depth=2, act="gelu")
+    x = torch.zeros(1, 2, 32, 32)
+    w = [torch.zeros(1, 2, 64, 32), torch.zeros(1, 2, 32, 64)]
+    eta = torch.zeros(1, 2, 32)
+    monkeypatch.setenv("NLC_FUSED", "1")
+    assert sequence_step(spec, "l2", RuleSpec("gd"), w, None, x, x, x, eta, chunk=16) is None
+    monkeypatch.setenv("NLC_FUSED", "interpret")
+    for kw in ({"chunk": 64}, {"chunk": 16, "read": "causal"}):
+        assert sequence_step(spec, "l2", RuleSpec("gd"), w, None, x, x, x, eta, **kw) is None
+    monkeypatch.setenv("NLC_FUSED", "0")
+    assert sequence_step(spec, "l2", RuleSpec("gd"), w, None, x, x, x, eta, chunk=16) is None
+    with pytest.raises(ValueError, match="chunk must be"):
+        sequence_step(spec, "l2", RuleSpec("gd"), w, None, x, x, x, eta, chunk=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("momentum", [True, False])
+def test_sequence_op_passes_opcheck(monkeypatch, device, momentum):
+    """``torch.library.opcheck`` on ``mlp2_sequence``: schema, fake tensors, autograd."""
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    n, N, C, D, HD = 3, 2, 8, 16, 32
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).to(device)
+
+    k, v, q = (r(n, N, C, D) for _ in range(3))
+    w1, w2, s1, s2 = r(N, HD, D), r(N, D, HD), r(N, HD, D), r(N, D, HD)
+    cw, cs, gam, dd, bb = r(n, N, C).abs(), r(n, N, C).abs(), r(n, N), r(n, N), r(n, N)
+    if not momentum:
+        s1 = s2 = cs = dd = bb = k.new_empty(0)
+    args = (k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, "gelu", True, momentum, "ieee")
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.numel() else a for a in args)
+    torch.library.opcheck(fused.mlp2_sequence, args)

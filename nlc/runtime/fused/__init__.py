@@ -50,6 +50,7 @@ from torch import Tensor
 from ._triton import triton
 from .coefficients import chunk_coefficients
 from .mlp2 import ACTS, PRECISIONS, WARPS, mlp2_chunk, precision
+from .sequence import mlp2_sequence, run_sequence
 
 __all__ = [
     "ACTS",
@@ -59,7 +60,9 @@ __all__ = [
     "available",
     "chunk_coefficients",
     "mlp2_chunk",
+    "mlp2_sequence",
     "precision",
+    "run_sequence",
 ]
 
 
@@ -72,18 +75,21 @@ def _mode() -> str:
     return os.environ.get("NLC_FUSED", "1")
 
 
-def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype, states=()) -> bool:
+def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype, states=(),
+            chunk: int | None = None) -> bool:
     """Whether ``chunk_step`` may take the fused path for these arguments.
 
     ``states``: the chunk-start weights and momentum (``[..., out, in]``); their batch shape
     must broadcast to the keys' (``[..., C, din]``), and every kernel offset must fit in int32.
+    ``chunk``: the period, for a whole sequence of keys (``chunks.sequence_step``); default the
+    keys' length.
     """
     mode = _mode()
     if mode == "0" or triton is None:
         return False
     if not (k.is_cuda or mode == "interpret"):
         return False
-    C = k.shape[-2]
+    C = k.shape[-2] if chunk is None else chunk
     D = spec.din
     return (
         spec.kind in ("mlp", "residual_mlp")
@@ -99,11 +105,11 @@ def applies(spec, objective: str, rule, read: str, q, k: Tensor, dtype, states=(
         and q.shape == k.shape
         and dtype == torch.float32
         and 1 <= C <= 64
-        and _fits(k, states, spec.hidden)
+        and _fits(k, states, spec.hidden, C)
     )
 
 
-def _fits(k: Tensor, states, hidden: int) -> bool:
+def _fits(k: Tensor, states, hidden: int, C: int) -> bool:
     batch = tuple(k.shape[:-2])
     try:
         if torch.broadcast_shapes(batch, *(tuple(s.shape[:-2]) for s in states)) != batch:
@@ -113,5 +119,6 @@ def _fits(k: Tensor, states, hidden: int) -> bool:
     n = 1
     for b in batch:
         n *= b
-    C, D = k.shape[-2:]
-    return n * hidden * D * max(C, 1) < 2**31  # the kernels' offsets are int32
+    T, D = k.shape[-2:]
+    # the kernels' offsets are int32 (per chunk; the coefficients' over the whole keys)
+    return n * hidden * D * max(C, 1) < 2**31 and n * max(T, 1) * D < 2**31

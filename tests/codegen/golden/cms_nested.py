@@ -130,6 +130,7 @@ class OuterLevel(nn.Module):
             T,
             64,
             keep_states=keep_chunk_states,
+            sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
@@ -163,6 +164,32 @@ class OuterLevel(nn.Module):
             None,
             None,
         )
+        return ((outer,), ()), y
+
+    def sequence(self, state, xs):
+        """The whole sequence in chunks of 64 tokens through one fused op (nl_chunks.sequence_step),
+        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """
+        (outer,), _ = state
+        key_c, value_c, query_c = xs  # the whole sequence's tokens
+        # cms_nested.nl:32  rule gd(lr = 0.01)
+        done = nl_chunks.sequence_step(
+            OUTER_MEMORY,
+            'l2',
+            OUTER_RULE,
+            outer,
+            None,
+            nl_flows.heads(key_c, 1),
+            nl_flows.heads(value_c, 1),
+            nl_flows.heads(query_c, 1),
+            0.01,
+            None,
+            None,
+            chunk=64,
+        )
+        if done is None:
+            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+        y, outer, _ = done
         return ((outer,), ()), y
 
     def start(self, B, like):

@@ -234,6 +234,7 @@ class FastLevel(nn.Module):
             T,
             16,
             keep_states=keep_chunk_states,
+            sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
@@ -267,6 +268,32 @@ class FastLevel(nn.Module):
             None,
             None,
         )
+        return ((fast,), ()), y
+
+    def sequence(self, state, xs):
+        """The whole sequence in chunks of 16 tokens through one fused op (nl_chunks.sequence_step),
+        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """
+        (fast,), _ = state
+        key_c, value_c, query_c = xs  # the whole sequence's tokens
+        # hope.nl:56  rule gd(lr = 0.0025)
+        done = nl_chunks.sequence_step(
+            FAST_MEMORY,
+            'l2',
+            FAST_RULE,
+            fast,
+            None,
+            nl_flows.heads(key_c, 1),
+            nl_flows.heads(value_c, 1),
+            nl_flows.heads(query_c, 1),
+            0.0025,
+            None,
+            None,
+            chunk=16,
+        )
+        if done is None:
+            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+        y, fast, _ = done
         return ((fast,), ()), y
 
     def start(self, B, like):
@@ -324,6 +351,7 @@ class MidLevel(nn.Module):
             T,
             64,
             keep_states=keep_chunk_states,
+            sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
@@ -357,6 +385,32 @@ class MidLevel(nn.Module):
             None,
             None,
         )
+        return ((mid,), ()), y
+
+    def sequence(self, state, xs):
+        """The whole sequence in chunks of 64 tokens through one fused op (nl_chunks.sequence_step),
+        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """
+        (mid,), _ = state
+        key_c, value_c, query_c = xs  # the whole sequence's tokens
+        # hope.nl:65  rule gd(lr = 0.000625)
+        done = nl_chunks.sequence_step(
+            MID_MEMORY,
+            'l2',
+            MID_RULE,
+            mid,
+            None,
+            nl_flows.heads(key_c, 1),
+            nl_flows.heads(value_c, 1),
+            nl_flows.heads(query_c, 1),
+            0.000625,
+            None,
+            None,
+            chunk=64,
+        )
+        if done is None:
+            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+        y, mid, _ = done
         return ((mid,), ()), y
 
     def start(self, B, like):

@@ -138,6 +138,7 @@ class MemoryLevel(nn.Module):
             T,
             16,
             keep_states=keep_chunk_states,
+            sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
@@ -172,6 +173,32 @@ class MemoryLevel(nn.Module):
             nl_flows.gate(retain_c, 4),
             nl_flows.gate(eta_c, 4),
         )
+        return ((memory,), (memory_s,)), y
+
+    def sequence(self, state, xs):
+        """The whole sequence in chunks of 16 tokens through one fused op (nl_chunks.sequence_step),
+        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """
+        (memory,), (memory_s,) = state
+        key_c, value_c, query_c, theta_c, retain_c, eta_c = xs  # the whole sequence's tokens
+        # titans_lmm.nl:35  rule momentum(lr = theta, momentum = eta, decay = retain)
+        done = nl_chunks.sequence_step(
+            MEMORY_MEMORY,
+            'l2',
+            MEMORY_RULE,
+            memory,
+            memory_s,
+            nl_flows.heads(key_c, 4),
+            nl_flows.heads(value_c, 4),
+            nl_flows.heads(query_c, 4),
+            nl_flows.gate(theta_c, 4),
+            nl_flows.gate(retain_c, 4),
+            nl_flows.gate(eta_c, 4),
+            chunk=16,
+        )
+        if done is None:
+            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+        y, memory, memory_s = done
         return ((memory,), (memory_s,)), y
 
     def start(self, B, like):

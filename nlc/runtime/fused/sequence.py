@@ -1,0 +1,312 @@
+"""A whole sequence of chunks of a depth-2 MLP memory as one custom op, forward and backward.
+
+``mlp2.mlp2_chunk`` is one chunk: a training step of a Titans level at period 16 calls it 128
+times per sequence, and around every call sit the chunk's slicing, dtype casts, the coefficient
+op, autograd's bookkeeping and the sums of the state gradients: a few dozen small kernels per
+chunk, more GPU time than the chunk kernels themselves. ``mlp2_sequence`` runs every chunk of a
+sequence inside one op instead:
+
+* the inputs are laid out once per sequence, chunk-major (``[chunks, N, C, D]``), so chunk ``c``
+  is the contiguous slice ``[c]`` and the same kernels as ``mlp2_chunk`` read it in place;
+* the forward launches two kernels per chunk (``_read_kernel``, ``_write_kernel``), writing each
+  chunk's end state straight into the next chunk's start slot of one buffer; it keeps the
+  chunk-start states and the errors ``E = M_{W_0}(K) - V`` of every chunk for the backward
+  (outputs the caller ignores; they are not differentiable);
+* the backward walks the chunks in reverse with three kernels each (``_bwd_sums_kernel``,
+  ``_bwd_weights_kernel``, ``_bwd_finish_kernel``: the saved ``E`` spares the fourth, the
+  recomputed read), carrying the state gradient from a chunk's end to its start in two
+  ping-pong buffers and writing the inputs' gradients into their chunk's slice.
+
+The values and gradients are those of ``mlp2_chunk`` chunk after chunk (tested); the coefficient
+op (``coefficients.chunk_coefficients``) runs once for all chunks, one row per (chunk, memory).
+Memory: the chunk-start states, ``4 * chunks * N * hidden * D`` floats with momentum (what
+autograd keeps for the chunk-by-chunk loop too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from . import mlp2 as _k  # the kernels (defined where Triton imports)
+from .mlp2 import ACTS, WARPS, _blocks, _kernel_precision
+
+__all__ = ["mlp2_sequence"]
+
+
+def _device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("nlc::mlp2_sequence", mutates_args=())
+def mlp2_sequence(
+    k: Tensor,
+    v: Tensor,
+    q: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    s1: Tensor,
+    s2: Tensor,
+    cw: Tensor,
+    cs: Tensor,
+    gam: Tensor,
+    dd: Tensor,
+    bb: Tensor,
+    act: str,
+    residual: bool,
+    momentum: bool,
+    prec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``n`` chunks of ``N`` depth-2 MLP memories, chunk after chunk.
+
+    k, v, q ``[n, N, C, D]`` (chunk-major); w1, s1 ``[N, hidden, D]`` and w2, s2 ``[N, D, hidden]``
+    the state at the start of the first chunk; cw, cs ``[n, N, C]`` and gam, dd, bb ``[n, N]``
+    each chunk's coefficients. Without momentum s1, s2, cs, dd and bb are ignored.
+
+    Returns ``(yq [n, N, C, D], w1_end, w2_end, s1_end, s2_end, w1_starts, w2_starts, s1_starts,
+    s2_starts, e)``: the reads, the state at the end of the last chunk, and, for the backward,
+    the state at the start of every chunk (``[n, N, ...]``) and the errors ``e [n, N, C, D]``.
+    The momentum outputs are empty ``[0]`` tensors without momentum. All float32.
+    """
+    n, N, C, D = k.shape
+    HD = w1.shape[-2]
+    bc, bh, br = _blocks(C, HD)
+    prec = _kernel_precision(prec, bc)
+    a = ACTS[act]
+    k, v, q, cw, gam = (t.contiguous() for t in (k, v, q, cw, gam))
+    yq, e = torch.empty_like(k), torch.empty_like(k)
+    w1s, w2s = k.new_empty(n, N, HD, D), k.new_empty(n, N, D, HD)
+    w1s[0].copy_(w1)
+    w2s[0].copy_(w2)
+    w1e, w2e = k.new_empty(N, HD, D), k.new_empty(N, D, HD)
+    if momentum:
+        cs, dd, bb = (t.contiguous() for t in (cs, dd, bb))
+        s1s, s2s = torch.empty_like(w1s), torch.empty_like(w2s)
+        s1s[0].copy_(s1)
+        s2s[0].copy_(s2)
+        s1e, s2e = torch.empty_like(w1e), torch.empty_like(w2e)
+    else:
+        s1s, s2s, s1e, s2e = w1s, w2s, w1e, w2e  # never read or written (MOM off)
+        cs, dd, bb = cw, gam, gam
+    with _device(k):
+        for c in range(n):
+            last = c + 1 == n
+            o1, o2 = (w1e, w2e) if last else (w1s[c + 1], w2s[c + 1])
+            m1, m2 = (s1e, s2e) if last else (s1s[c + 1], s2s[c + 1])
+            _k._read_kernel[(N,)](
+                k[c], v[c], q[c], w1s[c], w2s[c], yq[c], e[c],
+                C, HD, D, bc, br, a, residual, True, prec, num_warps=WARPS["read"],
+            )  # fmt: skip
+            _k._write_kernel[(N, HD // bh)](
+                k[c], e[c], w1s[c], w2s[c], s1s[c], s2s[c], cw[c], cs[c], gam[c], dd[c], bb[c],
+                o1, o2, m1, m2, C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["write"],
+            )  # fmt: skip
+    if not momentum:
+        s1e, s2e, s1s, s2s = (k.new_empty(0) for _ in range(4))
+    return yq, w1e, w2e, s1e, s2e, w1s, w2s, s1s, s2s, e
+
+
+@mlp2_sequence.register_fake
+def _(k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, act, residual, momentum, prec):
+    n, N, _, D = k.shape
+    HD = w1.shape[-2]
+    w1e, w2e = k.new_empty(N, HD, D), k.new_empty(N, D, HD)
+    w1s, w2s = k.new_empty(n, N, HD, D), k.new_empty(n, N, D, HD)
+    if momentum:
+        s1e, s2e, s1s, s2s = w1e.new_empty(w1e.shape), w2e.new_empty(w2e.shape), \
+            w1s.new_empty(w1s.shape), w2s.new_empty(w2s.shape)  # fmt: skip
+    else:
+        s1e, s2e, s1s, s2s = (k.new_empty(0) for _ in range(4))
+    return k.new_empty(k.shape), w1e, w2e, s1e, s2e, w1s, w2s, s1s, s2s, k.new_empty(k.shape)
+
+
+@torch.library.custom_op("nlc::mlp2_sequence_backward", mutates_args=())
+def mlp2_sequence_backward(
+    k: Tensor,
+    q: Tensor,
+    e: Tensor,
+    w1s: Tensor,
+    w2s: Tensor,
+    s1s: Tensor,
+    s2s: Tensor,
+    cw: Tensor,
+    cs: Tensor,
+    gam: Tensor,
+    dd: Tensor,
+    bb: Tensor,
+    gyq: Tensor,
+    gw1: Tensor,
+    gw2: Tensor,
+    gs1: Tensor,
+    gs2: Tensor,
+    act: str,
+    residual: bool,
+    momentum: bool,
+    prec: str,
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:
+    """Gradients ``(k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb)`` of ``mlp2_sequence`` from those
+    of its reads ``gyq [n, N, C, D]`` and end state ``gw1, gw2, gs1, gs2`` (shapes as there; the
+    momentum ones are empty ``[0]`` tensors without momentum)."""
+    n, N, C, D = k.shape
+    HD = w1s.shape[-2]
+    bc, bh, _ = _blocks(C, HD)
+    prec = _kernel_precision(prec, bc)
+    nj = HD // bh
+    a = ACTS[act]
+    k, q, e, cw, gam, gyq, gw1, gw2 = (
+        t.contiguous() for t in (k, q, e, cw, gam, gyq, gw1, gw2)
+    )
+    # the state gradient, carried from a chunk's end to its start: read one pair, write the other
+    pair = [(k.new_empty(N, HD, D), k.new_empty(N, D, HD)) for _ in range(2)]
+    if momentum:
+        cs, dd, bb, gs1, gs2 = (t.contiguous() for t in (cs, dd, bb, gs1, gs2))
+        spair = [(k.new_empty(N, HD, D), k.new_empty(N, D, HD)) for _ in range(2)]
+    else:
+        s1s, s2s, cs, dd, bb = w1s, w2s, cw, gam, gam  # never read (MOM off)
+        spair = pair  # never written (MOM off)
+        gs1, gs2 = gw1, gw2
+    # the blocks' parts of the sums over the hidden width, reused by every chunk
+    ge_p, gk_p, gk2_p, gq_p = (k.new_empty(N, nj, C, D) for _ in range(4))
+    gcw_p, gcs_p, sc_p = k.new_empty(N, nj, C), k.new_empty(N, nj, C), k.new_empty(N, nj, 3)
+    dk, dv, dq = torch.empty_like(k), torch.empty_like(k), torch.empty_like(k)
+    dcw, dgam = torch.empty_like(cw), torch.empty_like(gam)
+    if momentum:
+        dcs, ddd, dbb = torch.empty_like(cw), torch.empty_like(gam), torch.empty_like(gam)
+    else:
+        dcs, ddd, dbb = dcw, dgam, dgam  # never written (MOM off)
+    g1, g2, h1, h2 = gw1, gw2, gs1, gs2
+    with _device(k):
+        for step, c in enumerate(reversed(range(n))):
+            o1, o2 = pair[step % 2]
+            p1, p2 = spair[step % 2]
+            _k._bwd_sums_kernel[(N, nj)](
+                k[c], e[c], w1s[c], w2s[c], g1, g2, h1, h2, cw[c], cs[c], ge_p, gk_p, gcw_p, gcs_p,
+                C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["sums"],
+            )  # fmt: skip
+            _k._bwd_weights_kernel[(N, nj)](
+                k[c], q[c], e[c], ge_p, gyq[c], w1s[c], w2s[c], g1, g2, h1, h2, s1s[c], s2s[c],
+                cw[c], cs[c], gam[c], dd[c], bb[c], o1, o2, p1, p2, gk2_p, gq_p, sc_p,
+                C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["weights"],
+            )  # fmt: skip
+            _k._bwd_finish_kernel[(N,)](
+                ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq[c],
+                dk[c], dv[c], dq[c], dcw[c], dcs[c], dgam[c], ddd[c], dbb[c],
+                C, nj, D, bc, residual, momentum, num_warps=WARPS["read"],
+            )  # fmt: skip
+            g1, g2, h1, h2 = o1, o2, p1, p2
+    if momentum:
+        return dk, dv, dq, g1, g2, h1, h2, dcw, dcs, dgam, ddd, dbb
+    none = [k.new_empty(0) for _ in range(5)]
+    return dk, dv, dq, g1, g2, none[0], none[1], dcw, none[2], dgam, none[3], none[4]
+
+
+@mlp2_sequence_backward.register_fake
+def _(k, q, e, w1s, w2s, s1s, s2s, cw, cs, gam, dd, bb, gyq, gw1, gw2, gs1, gs2, act, residual,
+      momentum, prec):  # fmt: skip
+    _, N, _, D = k.shape
+    HD = w1s.shape[-2]
+
+    def new(*shape):
+        return k.new_empty(shape)
+
+    w1, w2 = new(N, HD, D), new(N, D, HD)
+    if momentum:
+        return (new(*k.shape), new(*k.shape), new(*k.shape), w1, w2, new(N, HD, D), new(N, D, HD),
+                new(*cw.shape), new(*cw.shape), new(*gam.shape), new(*gam.shape),
+                new(*gam.shape))  # fmt: skip
+    return (new(*k.shape), new(*k.shape), new(*k.shape), w1, w2, new(0), new(0), new(*cw.shape),
+            new(0), new(*gam.shape), new(0), new(0))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    k, _, q, _, _, _, _, cw, cs, gam, dd, bb, act, residual, momentum, prec = inputs
+    _, _, _, _, _, w1s, w2s, s1s, s2s, e = output
+    ctx.save_for_backward(k, q, e, w1s, w2s, s1s, s2s, cw, cs, gam, dd, bb)
+    ctx.mark_non_differentiable(w1s, w2s, s1s, s2s, e)
+    ctx.act, ctx.residual, ctx.momentum, ctx.prec = act, residual, momentum, prec
+
+
+def _backward(ctx, gyq, gw1, gw2, gs1, gs2, *_saved):
+    k, q, e, w1s, w2s, s1s, s2s, cw, cs, gam, dd, bb = ctx.saved_tensors
+    mom = ctx.momentum
+    _, N, _, D = k.shape
+    HD = w1s.shape[-2]
+    gyq = torch.zeros_like(k) if gyq is None else gyq
+    gw1 = k.new_zeros(N, HD, D) if gw1 is None else gw1
+    gw2 = k.new_zeros(N, D, HD) if gw2 is None else gw2
+    if mom:
+        gs1 = k.new_zeros(N, HD, D) if gs1 is None else gs1
+        gs2 = k.new_zeros(N, D, HD) if gs2 is None else gs2
+    else:
+        gs1, gs2 = k.new_empty(0), k.new_empty(0)
+    dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs, dgam, ddd, dbb = mlp2_sequence_backward(
+        k, q, e, w1s, w2s, s1s, s2s, cw, cs, gam, dd, bb, gyq, gw1, gw2, gs1, gs2,
+        ctx.act, ctx.residual, mom, ctx.prec,
+    )  # fmt: skip
+    if not mom:
+        return (dk, dv, dq, dw1, dw2, None, None, dcw, None, dgam) + (None,) * 6
+    return (dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs, dgam, ddd, dbb) + (None,) * 4
+
+
+mlp2_sequence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_sequence(spec, momentum: bool, W0, S0, k, target, q, eta, alpha, beta, C: int, prec: str):
+    """``nlc.runtime.chunks.sequence_step``'s fused path: ``T // C`` full chunks of ``[..., T, D]``
+    keys, targets and queries (``T`` a multiple of ``C``) with gates ``[..., T]`` (``alpha=None``:
+    no decay) from weights ``W0`` and momentum ``S0`` (``[..., out, in]``, broadcast to the keys'
+    batch; ``S0=None`` with momentum: zeros). Returns ``(y [..., T, D], weights, momentum or
+    None)``, float32."""
+    from .coefficients import chunk_coefficients
+
+    *batch, T, D = k.shape
+    N = 1
+    for b in batch:
+        N *= b
+    n = T // C
+    f32 = torch.float32
+
+    def packed(t: Tensor) -> Tensor:  # a contiguous float32 copy, whatever t's dtype and strides
+        return t.new_empty(t.shape, dtype=f32).copy_(t)
+
+    def tokens(t: Tensor) -> Tensor:  # [..., T, D] -> [n, N, C, D], float32, one copy
+        t = torch.broadcast_to(t, (*batch, T, D)).unflatten(-2, (n, C)).movedim(-3, 0)
+        return packed(t).view(n, N, C, D)
+
+    def gates(g) -> Tensor:  # [..., T] -> [n * N, C] (row = chunk-major (chunk, memory))
+        g = torch.broadcast_to(torch.as_tensor(g, device=k.device), (*batch, T))
+        return packed(g.unflatten(-1, (n, C)).movedim(-2, 0)).view(n * N, C)
+
+    def state(t: Tensor, shape) -> Tensor:
+        return torch.broadcast_to(t.to(f32), (*batch, *shape)).reshape(N, *shape)
+
+    shapes = [tuple(w.shape[-2:]) for w in W0]
+    w1, w2 = (state(w, sh) for w, sh in zip(W0, shapes))
+    eta_r = gates(eta)
+    alpha_r = gates(alpha) if alpha is not None else torch.ones_like(eta_r)
+    beta_r = gates(beta) if momentum else alpha_r
+    cw, cs, gam, dd, bb = chunk_coefficients(eta_r, alpha_r, beta_r, momentum)
+    cw = cw.view(n, N, C)
+    gam = gam.view(n, N)
+    if momentum:
+        cs, dd, bb = cs.view(n, N, C), dd.view(n, N), bb.view(n, N)
+        if S0 is None:
+            s1, s2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        else:
+            s1, s2 = (state(s, sh) for s, sh in zip(S0, shapes))
+    else:
+        s1 = s2 = k.new_empty(0, dtype=f32)
+    yq, w1e, w2e, s1e, s2e, *_ = mlp2_sequence(
+        tokens(k), tokens(target), tokens(q), w1, w2, s1, s2, cw, cs, gam, dd, bb,
+        spec.act, spec.kind == "residual_mlp", momentum, prec,
+    )  # fmt: skip
+    y = yq.transpose(0, 1).reshape(*batch, T, D)
+    w_end = [w1e.reshape(*batch, *shapes[0]), w2e.reshape(*batch, *shapes[1])]
+    s_end = None
+    if momentum:
+        s_end = [s1e.reshape(*batch, *shapes[0]), s2e.reshape(*batch, *shapes[1])]
+    return y, w_end, s_end
