@@ -349,7 +349,9 @@ def _compute_dtype(*tensors) -> torch.dtype:
 
 
 def _gate(g, shape, dtype, device) -> Tensor:
-    return torch.broadcast_to(torch.as_tensor(g, dtype=dtype, device=device), shape)
+    if not isinstance(g, Tensor):  # a constant: filled on the device (no host copy: CUDA graphs)
+        return torch.full(shape, float(g), dtype=dtype, device=device)
+    return torch.broadcast_to(g.to(dtype=dtype, device=device), shape)
 
 
 def _check_call(rule: RuleSpec, read: str, moms0, beta, objective: str | None) -> None:

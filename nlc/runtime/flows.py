@@ -40,6 +40,13 @@ class HeadLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(heads, dout, din).uniform_(-bound, bound))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1 and self.heads > 1:
+            # shared input: one [B*T, din] x [din, H*dout] product, not a batched one over an
+            # expanded copy of x (and a weight gradient summed over B); a [B, H, T, dout] view
+            B, _, T, _ = x.shape
+            w = self.weight.permute(2, 0, 1).reshape(self.din, self.heads * self.dout)
+            y = x.reshape(B * T, self.din) @ w
+            return y.view(B, T, self.heads, self.dout).transpose(1, 2)
         return torch.matmul(x, self.weight.transpose(-1, -2))
 
     def extra_repr(self) -> str:

@@ -423,3 +423,30 @@ def test_sequence_op_passes_opcheck(monkeypatch, device, momentum):
     args = (k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, "gelu", True, momentum, "ieee")
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.numel() else a for a in args)
     torch.library.opcheck(fused.mlp2_sequence, args)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+def test_fused_sequence_with_constant_gates(monkeypatch, device):
+    """Constant gates (Python floats, as a spec's ``rule momentum(lr = 0.1, ...)`` gives them) are
+    filled on the device, and the sequence equals the chunks in float64."""
+    from nlc.runtime.chunk import scan
+    from nlc.runtime.chunks import sequence_step
+
+    if device == "none":
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    else:
+        monkeypatch.setenv("NLC_FUSED", "interpret")
+    spec = MemorySpec("mlp", 16, 16, hidden=32, depth=2, act="silu")
+    rule = RuleSpec("momentum")
+    gen = torch.Generator().manual_seed(3)
+    k, v, q, w, _, _, _, _ = _inputs(spec, 1, 2, 24, False, False, gen)
+    args = (0.3, 0.95, 0.8)
+    dev = [t.to(device, torch.float32) for t in (k, v, q, *w)]
+    y, W, S = sequence_step(spec, "l2", rule, dev[3:], None, *dev[:3], *args, chunk=8)
+    monkeypatch.setenv("NLC_FUSED", "0")
+    ry, rW, rS = scan(spec, "l2", rule, w, None, k, v, q, *args, 8)
+    for a, b in zip([y, *W, *S], [ry, *rW, *rS]):
+        assert _close(a.double().cpu(), b, 1e-5)

@@ -254,3 +254,24 @@ def test_modules_compile_fullgraph():
     assert torch.allclose(y, net(x), atol=1e-6)
     y.sum().backward()  # the backward graph compiles as well
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("hin", [1, 3])
+def test_head_linear_equals_a_product_per_head(hin):
+    """HeadLinear: a shared input (``H' = 1``, one 2-D product) and per-head inputs give each head
+    ``x_h @ W_h^T``, values and gradients (float64)."""
+    from nlc.runtime.flows import HeadLinear
+
+    torch.manual_seed(0)
+    lin = HeadLinear(3, 8, 5).double()
+    x = torch.randn(2, hin, 7, 8, dtype=torch.float64, requires_grad=True)
+    y = lin(x)
+    assert y.shape == (2, 3, 7, 5)
+    w = lin.weight.detach().clone().requires_grad_()
+    ref = torch.stack([x[:, h if hin > 1 else 0] @ w[h].T for h in range(3)], dim=1)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad((y * g).sum(), (x, lin.weight))
+    rx, rw = torch.autograd.grad((ref * g).sum(), (x, w))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)

@@ -25,7 +25,13 @@ on the gates (``chunk._Coeffs``):
   ``_write_kernel``); its backward recomputes the error and the hidden activations
   (``_read_kernel``, ``_bwd_sums_kernel``, ``_bwd_weights_kernel``, ``_bwd_finish_kernel``).
 
-``tests/runtime/test_fused.py`` checks both against autograd through the unfused closed form in
+A whole sequence goes through one more op, ``sequence.mlp2_sequence``: every chunk of it, the
+same kernels launched chunk after chunk inside one op, with the inputs laid out once
+(``nlc.runtime.chunks.sequence_step``; generated levels whose chunk is one ``chunk_step`` try it
+first). Its backward runs the inputs' gradients of each chunk on a side CUDA stream, beside the
+next chunk's kernels; ``NLC_FUSED_SIDE=0`` keeps them on the one stream.
+
+``tests/runtime/test_fused.py`` checks them against autograd through the unfused closed form in
 float64, on CUDA and on the CPU through Triton's interpreter. The products' operands are what
 the unfused path's ``matmul`` would use (``precision``): bf16 under bf16 autocast (TF32 for
 chunks of 33-64 tokens, ``mlp2._kernel_precision`` says why), TF32 when

@@ -15,7 +15,10 @@ sequence inside one op instead:
 * the backward walks the chunks in reverse with three kernels each (``_bwd_sums_kernel``,
   ``_bwd_weights_kernel``, ``_bwd_finish_kernel``: the saved ``E`` spares the fourth, the
   recomputed read), carrying the state gradient from a chunk's end to its start in two
-  ping-pong buffers and writing the inputs' gradients into their chunk's slice.
+  ping-pong buffers and writing the inputs' gradients into their chunk's slice. On CUDA the last
+  of the three (the sums that give the inputs' gradients) runs on a side stream: nothing later
+  waits for it but the end of the op, so it overlaps the next chunk (``NLC_FUSED_SIDE=0``: one
+  stream).
 
 The values and gradients are those of ``mlp2_chunk`` chunk after chunk (tested); the coefficient
 op (``coefficients.chunk_coefficients``) runs once for all chunks, one row per (chunk, memory).
@@ -26,6 +29,7 @@ autograd keeps for the chunk-by-chunk loop too).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import Tensor
@@ -38,6 +42,17 @@ __all__ = ["mlp2_sequence"]
 
 def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """One side stream per device, made once (not while a CUDA graph is being captured)."""
+    key = torch.device(device).index
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device)
+    return _SIDE[key]
 
 
 @torch.library.custom_op("nlc::mlp2_sequence", mutates_args=())
@@ -169,20 +184,35 @@ def mlp2_sequence_backward(
         s1s, s2s, cs, dd, bb = w1s, w2s, cw, gam, gam  # never read (MOM off)
         spair = pair  # never written (MOM off)
         gs1, gs2 = gw1, gw2
-    # the blocks' parts of the sums over the hidden width, reused by every chunk
-    ge_p, gk_p, gk2_p, gq_p = (k.new_empty(N, nj, C, D) for _ in range(4))
-    gcw_p, gcs_p, sc_p = k.new_empty(N, nj, C), k.new_empty(N, nj, C), k.new_empty(N, nj, 3)
+    # the blocks' parts of the sums over the hidden width: two sets, used by alternate chunks
+    parts = [
+        (*(k.new_empty(N, nj, C, D) for _ in range(4)), k.new_empty(N, nj, C),
+         k.new_empty(N, nj, C), k.new_empty(N, nj, 3))
+        for _ in range(2)
+    ]  # fmt: skip
     dk, dv, dq = torch.empty_like(k), torch.empty_like(k), torch.empty_like(k)
     dcw, dgam = torch.empty_like(cw), torch.empty_like(gam)
     if momentum:
         dcs, ddd, dbb = torch.empty_like(cw), torch.empty_like(gam), torch.empty_like(gam)
     else:
         dcs, ddd, dbb = dcw, dgam, dgam  # never written (MOM off)
+    # The inputs' gradients of chunk c (_bwd_finish_kernel) are off the chain that carries the
+    # state gradient (sums -> weights -> the previous chunk's sums): on CUDA they run on a side
+    # stream, overlapping the next chunk's kernels. A part set is reused two chunks later, after
+    # the side stream is done with it.
+    main = torch.cuda.current_stream(k.device) if k.is_cuda else None
+    side = _side_stream(k.device) if k.is_cuda and os.environ.get("NLC_FUSED_SIDE", "1") != "0" else None
+    freed: list = [None, None]
     g1, g2, h1, h2 = gw1, gw2, gs1, gs2
     with _device(k):
+        if side is not None:
+            side.wait_stream(main)
         for step, c in enumerate(reversed(range(n))):
             o1, o2 = pair[step % 2]
             p1, p2 = spair[step % 2]
+            ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p = parts[step % 2]
+            if freed[step % 2] is not None:
+                main.wait_event(freed[step % 2])
             _k._bwd_sums_kernel[(N, nj)](
                 k[c], e[c], w1s[c], w2s[c], g1, g2, h1, h2, cw[c], cs[c], ge_p, gk_p, gcw_p, gcs_p,
                 C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["sums"],
@@ -192,12 +222,19 @@ def mlp2_sequence_backward(
                 cw[c], cs[c], gam[c], dd[c], bb[c], o1, o2, p1, p2, gk2_p, gq_p, sc_p,
                 C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["weights"],
             )  # fmt: skip
-            _k._bwd_finish_kernel[(N,)](
-                ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq[c],
-                dk[c], dv[c], dq[c], dcw[c], dcs[c], dgam[c], ddd[c], dbb[c],
-                C, nj, D, bc, residual, momentum, num_warps=WARPS["read"],
-            )  # fmt: skip
+            if side is not None:
+                side.wait_stream(main)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                _k._bwd_finish_kernel[(N,)](
+                    ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq[c],
+                    dk[c], dv[c], dq[c], dcw[c], dcs[c], dgam[c], ddd[c], dbb[c],
+                    C, nj, D, bc, residual, momentum, num_warps=WARPS["read"],
+                )  # fmt: skip
+            if side is not None:
+                freed[step % 2] = side.record_event()
             g1, g2, h1, h2 = o1, o2, p1, p2
+        if side is not None:
+            main.wait_stream(side)
     if momentum:
         return dk, dv, dq, g1, g2, h1, h2, dcw, dcs, dgam, ddd, dbb
     none = [k.new_empty(0) for _ in range(5)]
@@ -278,7 +315,9 @@ def run_sequence(spec, momentum: bool, W0, S0, k, target, q, eta, alpha, beta, C
         return packed(t).view(n, N, C, D)
 
     def gates(g) -> Tensor:  # [..., T] -> [n * N, C] (row = chunk-major (chunk, memory))
-        g = torch.broadcast_to(torch.as_tensor(g, device=k.device), (*batch, T))
+        if not isinstance(g, Tensor):  # a constant: filled on the device (no copy from the host,
+            return k.new_full((n * N, C), float(g), dtype=f32)  # which CUDA graphs cannot capture)
+        g = torch.broadcast_to(g, (*batch, T))
         return packed(g.unflatten(-1, (n, C)).movedim(-2, 0)).view(n * N, C)
 
     def state(t: Tensor, shape) -> Tensor:
