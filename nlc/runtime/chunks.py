@@ -188,10 +188,11 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
     def head(t):
         return t[..., :full, :] if t.shape[-2] != full else t
 
+    def per_token(g) -> bool:  # a gate with a token axis to cut (not a constant or broadcast one)
+        return isinstance(g, Tensor) and g.dim() > 0 and g.shape[-1] != 1
+
     def head_gate(g):
-        if not isinstance(g, Tensor) or g.shape[-1] == 1 or g.shape[-1] == full:
-            return g
-        return g[..., :full]
+        return g[..., :full] if per_token(g) and g.shape[-1] != full else g
 
     y, W, S = _fused.run_sequence(
         spec, mom, list(weights0), list(moms0) if moms0 is not None else None, head(k),
@@ -202,9 +203,7 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
         return y, W, S
 
     def tail_gate(g):
-        if not isinstance(g, Tensor) or g.shape[-1] == 1:
-            return g
-        return g[..., full:]
+        return g[..., full:] if per_token(g) else g
 
     y2, W, S = _chunk.chunk_step(
         spec, objective, rule, W, S, k[..., full:, :], target[..., full:, :], q[..., full:, :],

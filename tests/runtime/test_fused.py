@@ -442,10 +442,12 @@ def test_fused_sequence_with_constant_gates(monkeypatch, device):
     spec = MemorySpec("mlp", 16, 16, hidden=32, depth=2, act="silu")
     rule = RuleSpec("momentum")
     gen = torch.Generator().manual_seed(3)
-    k, v, q, w, _, _, _, _ = _inputs(spec, 1, 2, 24, False, False, gen)
+    k, v, q, w, _, _, _, _ = _inputs(spec, 1, 2, 21, False, False, gen)
     args = (0.3, 0.95, 0.8)
     dev = [t.to(device, torch.float32) for t in (k, v, q, *w)]
-    y, W, S = sequence_step(spec, "l2", rule, dev[3:], None, *dev[:3], *args, chunk=8)
+    # lr a Python float, decay a 0-dim tensor, momentum a float; T = 21: 2 chunks of 8 and 5
+    y, W, S = sequence_step(spec, "l2", rule, dev[3:], None, *dev[:3], args[0],
+                            torch.tensor(args[1], device=device), args[2], chunk=8)  # fmt: skip
     monkeypatch.setenv("NLC_FUSED", "0")
     ry, rW, rS = scan(spec, "l2", rule, w, None, k, v, q, *args, 8)
     for a, b in zip([y, *W, *S], [ry, *rW, *rS]):

@@ -317,7 +317,7 @@ def run_sequence(spec, momentum: bool, W0, S0, k, target, q, eta, alpha, beta, C
     def gates(g) -> Tensor:  # [..., T] -> [n * N, C] (row = chunk-major (chunk, memory))
         if not isinstance(g, Tensor):  # a constant: filled on the device (no copy from the host,
             return k.new_full((n * N, C), float(g), dtype=f32)  # which CUDA graphs cannot capture)
-        g = torch.broadcast_to(g, (*batch, T))
+        g = torch.broadcast_to(g.to(k.device), (*batch, T))
         return packed(g.unflatten(-1, (n, C)).movedim(-2, 0)).view(n * N, C)
 
     def state(t: Tensor, shape) -> Tensor:
