@@ -914,11 +914,15 @@ def titans_candidate(run: Run, tp, dims: dict, C: int, B: int, T: int, variant: 
     """titans-pytorch's NeuralMemory: dim, heads x 64, its default 2-layer MLP memory (x4, GELU).
 
     On CUDA with the accelerated (Triton) scan that train_mac.py turns on; if that fails here,
-    with the plain PyTorch scan (noted); ``--titans-scan`` picks one.
+    with the plain PyTorch scan (noted); at period 64 the plain one (``--titans-scan`` says why and
+    picks another).
     """
     d, H = dims["d"], dims["heads"]
     notes = []
-    scans = {"auto": (True, False), "accelerated": (True,), "plain": (False,)}[run.args.titans_scan]
+    # auto: its accelerated scan, except at period 64, where it fails on its own on the H200 with
+    # a CUDA error that takes the process down (benchmarks/order_diag.py), so the plain scan
+    scans = {"auto": (False,) if C == 64 else (True, False), "accelerated": (True,),
+             "plain": (False,)}[run.args.titans_scan]  # fmt: skip
     for accelerated in scans if run.cuda else (False,):
         torch.manual_seed(0)
         mem = tp.NeuralMemory(
@@ -1942,9 +1946,9 @@ def parse_args(argv=None):
         "--titans-scan",
         choices=("auto", "accelerated", "plain"),
         default="auto",
-        help="titans-pytorch's scan on CUDA: auto (its accelerated Triton scan, the plain one if that fails), "
-        "accelerated, or plain (at period 64 its accelerated path hit a CUDA error on its own on the H200: "
-        "benchmarks/order_diag.py)",
+        help="titans-pytorch's scan on CUDA: auto (its accelerated Triton scan, the plain one if that raises; "
+        "the plain one at period 64, where the accelerated one hit a CUDA error on its own on the H200: "
+        "benchmarks/order_diag.py), accelerated, or plain",
     )
     p.add_argument(
         "--skip-peer-compile",
