@@ -49,7 +49,9 @@ def _inputs(spec, B, H, C, mom, decay, gen):
     return k, v, q, w, s, eta, alpha, beta
 
 
-def _run(spec, rule, tensors, dtype, device):
+def _run(spec, rule, tensors, dtype, device, step=None):
+    """Outputs and gradients (float64, CPU) of ``step(spec, rule, w, s, k, v, q, eta, alpha,
+    beta) -> (y, weights, momentum)`` (default one ``chunk_step``) under a random probe."""
     k, v, q, w, s, eta, alpha, beta = tensors
     leaves = [k, v, q, *w, *(s or []), eta, alpha, beta]
     leaves = [
@@ -60,7 +62,10 @@ def _run(spec, rule, tensors, dtype, device):
     w = leaves[3 : 3 + n]
     s = leaves[3 + n : 3 + 2 * n] if s is not None else None
     eta, alpha, beta = leaves[-3:]
-    y, w_end, s_end = chunk_step(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta)
+    if step is None:
+        y, w_end, s_end = chunk_step(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta)
+    else:
+        y, w_end, s_end = step(spec, rule, w, s, k, v, q, eta, alpha, beta)
     outs = [y, *w_end, *(s_end or [])]
     gen = torch.Generator().manual_seed(7)
     probe = sum(
@@ -75,6 +80,16 @@ def _run(spec, rule, tensors, dtype, device):
 def _close(a, b, tol):
     scale = b.abs().max().item() + 1e-12
     return (a - b).abs().max().item() / scale < tol
+
+
+def _assert_matches(outs, grads, ref_outs, ref_grads):
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert _close(a, b, 1e-5), ("output", i)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        if b is None:
+            assert a is None
+            continue
+        assert _close(a, b, 1e-4), ("grad", i, (a - b).abs().max().item(), b.abs().max().item())
 
 
 @needs_triton
@@ -106,13 +121,7 @@ def test_fused_chunk_matches_float64(monkeypatch, device, kind, act, rule_kind, 
     with monkeypatch.context() as m:
         m.setenv("NLC_FUSED", "0")
         ref_outs, ref_grads = _run(spec, rule, tensors, torch.float64, "cpu")
-    for i, (a, b) in enumerate(zip(outs, ref_outs)):
-        assert _close(a, b, 1e-5), ("output", i)
-    for i, (a, b) in enumerate(zip(grads, ref_grads)):
-        if b is None:
-            assert a is None
-            continue
-        assert _close(a, b, 1e-4), ("grad", i, (a - b).abs().max().item(), b.abs().max().item())
+    _assert_matches(outs, grads, ref_outs, ref_grads)
 
 
 def test_fused_path_declines_what_it_does_not_cover(monkeypatch):
@@ -313,34 +322,19 @@ def test_coefficients_match_the_closed_form_with_zero_gates(monkeypatch, device,
 
 
 def _run_sequence(spec, rule, tensors, C, dtype, device, fused_path):
-    """Outputs and gradients of a whole sequence: ``sequence_step`` (one fused op) when
-    ``fused_path``, else ``chunk.scan`` (chunk by chunk)."""
+    """``_run`` over a whole sequence: ``sequence_step`` (one fused op) when ``fused_path``, else
+    ``chunk.scan`` (chunk by chunk)."""
     from nlc.runtime.chunk import scan
     from nlc.runtime.chunks import sequence_step
 
-    k, v, q, w, s, eta, alpha, beta = tensors
-    leaves = [k, v, q, *w, *(s or []), eta, alpha, beta]
-    leaves = [None if t is None else t.detach().to(device, dtype).requires_grad_() for t in leaves]
-    n = len(w)
-    k, v, q = leaves[:3]
-    w = leaves[3 : 3 + n]
-    s = leaves[3 + n : 3 + 2 * n] if s is not None else None
-    eta, alpha, beta = leaves[-3:]
-    if fused_path:
+    def step(spec, rule, w, s, k, v, q, eta, alpha, beta):
+        if not fused_path:
+            return scan(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta, C)
         done = sequence_step(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta, chunk=C)
         assert done is not None
-        y, w_end, s_end = done
-    else:
-        y, w_end, s_end = scan(spec, "l2", rule, w, s, k, v, q, eta, alpha, beta, C)
-    outs = [y, *w_end, *(s_end or [])]
-    gen = torch.Generator().manual_seed(7)
-    probe = sum(
-        (o.double().cpu() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
-        for o in outs
-    )
-    probe.backward()
-    grads = [None if t is None else t.grad.double().cpu() for t in leaves]
-    return [o.detach().double().cpu() for o in outs], grads
+        return done
+
+    return _run(spec, rule, tensors, dtype, device, step)
 
 
 @needs_triton
@@ -373,13 +367,7 @@ def test_fused_sequence_matches_the_chunks_in_float64(monkeypatch, device, kind,
     with monkeypatch.context() as m:
         m.setenv("NLC_FUSED", "0")
         ref_outs, ref_grads = _run_sequence(spec, rule, tensors, C, torch.float64, "cpu", False)
-    for i, (a, b) in enumerate(zip(outs, ref_outs)):
-        assert _close(a, b, 1e-5), ("output", i)
-    for i, (a, b) in enumerate(zip(grads, ref_grads)):
-        if b is None:
-            assert a is None
-            continue
-        assert _close(a, b, 1e-4), ("grad", i, (a - b).abs().max().item(), b.abs().max().item())
+    _assert_matches(outs, grads, ref_outs, ref_grads)
 
 
 def test_sequence_step_declines_what_the_kernels_do_not_cover(monkeypatch):
