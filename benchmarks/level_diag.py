@@ -7,6 +7,8 @@ B x T tokens, fwd+bwd under bf16 autocast. Modes: ``eager``; ``scan`` / ``unroll
 level compiled, chunks through torch's scan / unrolled; ``unrolled_cg`` adds inductor's CUDA
 graphs); ``regional`` (nlc.runtime.regional: the chunk step compiled, the loop eager); ``graphs``
 / ``regional_graphs`` (the eager / regional level captured by torch.cuda.make_graphed_callables).
+A mode ending in ``-eagerfwd`` (``regional_graphs-eagerfwd``) is that mode without the regional
+whole-forward region (``NLC_WHOLE_FORWARD=0``: the level's forward eager around its op).
 ``NLC_FUSED=0`` turns off the fused MLP chunk kernels (``nlc.runtime.fused``); each result
 records which it ran.
 ``--profile`` prints where the CPU and the GPU spend a step.
@@ -76,6 +78,9 @@ def main():
         m = cls().cuda()
         x = torch.randn(args.B, args.T, 512, device="cuda", requires_grad=True)
         os.environ["NLC_CHUNK_SCAN"] = "0" if mode.startswith("unrolled") else "1"
+        # "-eagerfwd": regional compile without the whole-forward region (NLC_WHOLE_FORWARD=0)
+        os.environ["NLC_WHOLE_FORWARD"] = "0" if mode.endswith("-eagerfwd") else "1"
+        mode, label = mode.removesuffix("-eagerfwd"), mode
         torch._dynamo.reset()
         if mode in ("eager", "graphs"):
             f = m
@@ -91,24 +96,28 @@ def main():
                 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                     f = torch.cuda.make_graphed_callables(m, (x,), num_warmup_iters=3)
             first, ms, step = time_level(f, x)
-            r = {"mode": mode, "chunk": args.chunk, "fused": os.environ.get("NLC_FUSED", "1"),
+            r = {"mode": label, "chunk": args.chunk, "fused": os.environ.get("NLC_FUSED", "1"),
                  "first_s": round(first, 1), "step_ms": round(ms, 2),
                  "tokens_per_s": round(args.B * args.T / ms * 1e3)}
         except Exception as e:  # noqa: BLE001
             import traceback
 
             traceback.print_exc(limit=8)
-            r = {"mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            r = {"mode": label, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             step = None
         print(json.dumps(r), flush=True)
         out.append(r)
-        if args.profile and step is not None and mode in args.profile_modes.split(","):
+        if args.profile and step is not None and label in args.profile_modes.split(","):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as p:
                 step()
                 torch.cuda.synchronize()
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
-            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+            gpu = p.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+            cpu = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            print(gpu, cpu, sep="\n", flush=True)
+            if os.environ.get("OUT"):  # the longer GPU table, kernel by kernel, to a file
+                table = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=90)
+                Path(os.environ["OUT"], f"profile_{label}_{args.chunk}.txt").write_text(table)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"level_diag_{args.chunk}.json").write_text(json.dumps(out, indent=1))
 

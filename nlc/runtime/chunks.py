@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["run_chunks", "detach", "boundaries", "sequence_step"]
+__all__ = ["run_chunks", "detach", "boundaries", "sequence_step", "record_paths"]
 
 Step = Callable[[Any, tuple], tuple[Any, Tensor]]
 
@@ -73,6 +73,28 @@ def boundaries(T: int, C: int, reset_every: int | None, truncate: int | None) ->
         prev, prev_r, prev_d = c0, r, d
     segs.append((prev, T, prev_r, prev_d))
     return segs
+
+
+_RECORDERS: list[list[bool]] = []
+
+
+class record_paths:
+    """``with record_paths() as paths:`` collects, for every eager :func:`run_chunks` call inside
+    the block, whether the whole-sequence step ran it (``True``) or the chunk loop did
+    (``False``). ``nlc.runtime.regional`` uses it to decide whether a level's forward may be
+    compiled whole. Calls traced by ``torch.compile`` are not recorded."""
+
+    def __enter__(self) -> list[bool]:
+        _RECORDERS.append([])
+        return _RECORDERS[-1]
+
+    def __exit__(self, *exc) -> None:
+        _RECORDERS.pop()
+
+
+def _record(sequence_ran: bool) -> None:
+    if _RECORDERS and not torch.compiler.is_compiling():
+        _RECORDERS[-1].append(sequence_ran)
 
 
 def _slice(xs, a: int, b: int):
@@ -107,8 +129,10 @@ def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int
     if sequence is not None and not keep_states and len(segments) == 1:
         done = sequence(state, xs)
         if done is not None:
+            _record(True)
             state, y = done
             return state, y, kept
+    _record(False)
     for s0, s1, reset, cut in segments:
         if cut:
             state = detach(state)

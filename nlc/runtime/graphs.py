@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .regional import in_context_levels
+from .regional import forward_of, in_context_levels
 
 __all__ = ["GraphedLevel", "graph_levels", "graph_report"]
 
@@ -46,7 +46,7 @@ class _Call(nn.Module):
         self.level = level
 
     def forward(self, x):
-        return type(self.level).forward(self.level, x)
+        return forward_of(self.level)(x)
 
 
 class GraphedLevel:
@@ -68,7 +68,7 @@ class GraphedLevel:
                 torch.get_autocast_dtype("cuda"))
 
     def _eager(self, x, *args, **kwargs):
-        return type(self.level).forward(self.level, x, *args, **kwargs)
+        return forward_of(self.level)(x, *args, **kwargs)
 
     def __call__(self, x, *args, **kwargs):
         lv = self.level

@@ -14,7 +14,18 @@ compilation takes a third way:
   compiled whole (``module.compile(fullgraph=True)``), as in torch's regional compilation
   recipe: a repeated block class is traced once and its code reused by every layer;
 * modules that contain an in-context level run eagerly around their compiled parts (the
-  residual adds, the level's projections and its chunk loop).
+  residual adds, the level's projections and its chunk loop);
+* except a level whose whole sequence goes through its ``sequence`` step (one fused op for all
+  chunks, ``nlc.runtime.chunks.sequence_step``): there is no loop left, so its ``forward`` is
+  compiled whole (projections, norms, gates, the layout copies around the op and their
+  backward fuse into a few kernels). Which calls qualify is found by running the first call of
+  each input signature (shape, dtype, device, ``requires_grad``, grad mode, training, autocast)
+  eagerly and recording (:class:`nlc.runtime.chunks.record_paths`) whether every chunk loop
+  inside it took the whole-sequence step; a signature that did not, a call that asks for chunk
+  states, passes start states or keeps its memory across calls, runs the forward eagerly with
+  its compiled chunk step, as before. A compile that fails leaves the level eager (warned once).
+  :func:`forward_of` gives the forward to call (``nlc.runtime.graphs`` captures it).
+  ``NLC_WHOLE_FORWARD=0`` installs no such region (for comparisons).
 
 A model with no in-context level at all is compiled whole: that is already one region.
 
@@ -28,10 +39,15 @@ Values and gradients equal the eager model's (tested).
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn as nn
 
-__all__ = ["compile_regions", "has_in_context", "in_context_levels"]
+from .chunks import record_paths
+
+__all__ = ["compile_regions", "forward_of", "has_in_context", "in_context_levels"]
 
 # each chunk step compiles once per distinct call (first chunk / later chunks / partial chunk,
 # training / evaluation, batch size, ...): more than dynamo's default of 8 recompiles per code
@@ -56,6 +72,54 @@ def in_context_levels(model: nn.Module) -> list[nn.Module]:
 
 def has_in_context(model: nn.Module) -> bool:
     return bool(in_context_levels(model))
+
+
+class _SequenceRegion:
+    """The ``forward`` of one in-context level, compiled whole for the input signatures whose
+    chunks all go through the level's ``sequence`` step (module docstring)."""
+
+    def __init__(self, level: nn.Module, opts: dict):
+        self.level = level
+        self.eager = type(level).forward.__get__(level)
+        self.compiled = torch.compile(self.eager, **opts)
+        self.whole: dict[tuple, bool] = {}  # signature -> compiled whole?
+        self.failed: str | None = None
+        from torch._dynamo.exc import TorchDynamoException
+
+        self._errors = TorchDynamoException  # compiling failed, not the level
+
+    def _key(self, x) -> tuple:
+        dev = x.device.type
+        return (tuple(x.shape), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(),
+                self.level.training, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+
+    def __call__(self, x, *args, **kwargs):
+        if (args or any(v not in (None, False) for v in kwargs.values())  # chunk states asked or given
+                or getattr(self.level, "persist", False) or self.failed or torch.compiler.is_compiling()):
+            return self.eager(x, *args, **kwargs)
+        key = self._key(x)
+        whole = self.whole.get(key)
+        if whole is None:  # first call of this signature: eagerly, recording the chunk paths
+            with record_paths() as paths:
+                y = self.eager(x)
+            self.whole[key] = bool(paths) and all(paths)
+            return y
+        if not whole:
+            return self.eager(x)
+        try:
+            return self.compiled(x)
+        except self._errors as e:
+            self.failed = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            warnings.warn(f"level {getattr(self.level, 'level', '?')}: compiling its forward whole failed "
+                          f"({self.failed}); it runs with its compiled chunk step", stacklevel=2)
+            return self.eager(x)
+
+
+def forward_of(level: nn.Module):
+    """The forward to call for an in-context level: its whole-level region where
+    :func:`compile_regions` installed one, else the class's own ``forward`` (bound)."""
+    region = level.__dict__.get("_nlc_region")
+    return region if region is not None else type(level).forward.__get__(level)
 
 
 def compile_regions(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> list[str]:
@@ -84,6 +148,10 @@ def compile_regions(model: nn.Module, *, backend: str | None = None, mode: str |
                 m.chunk = torch.compile(type(m).chunk.__get__(m), **opts)
                 m._nlc_regional = True
                 done.append(f"{name or type(m).__name__}.chunk")
+                if callable(getattr(type(m), "sequence", None)) and os.environ.get("NLC_WHOLE_FORWARD", "1") != "0":
+                    m._nlc_region = _SequenceRegion(m, opts)
+                    m.forward = m._nlc_region
+                    done.append(f"{name or type(m).__name__}.forward")
             for sub_name, sub in m.named_modules():  # levels inside a level (a nested CMS group)
                 if sub is not m and _is_in_context(sub):
                     visit(f"{name}.{sub_name}" if name else sub_name, sub)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 from nlc.runtime import fused
 from nlc.runtime.chunk import RuleSpec, chunk_step
@@ -193,11 +195,24 @@ def test_titans_level_fused_and_compiled_equals_unfused(monkeypatch, device):
     calls = []
     real = fused.run_sequence
     monkeypatch.setattr(fused, "run_sequence", lambda *a: calls.append(1) or real(*a))
-    compile_regions(m)
-    got = run("interpret" if device == "cpu" else "1")
-    assert calls, "the level did not take the whole-sequence op"
-    for i, (a, b) in enumerate(zip(got, ref)):
+    torch._dynamo.reset()
+    counters.clear()
+    assert "forward" in " ".join(compile_regions(m))
+    mode = "interpret" if device == "cpu" else "1"
+    # the first call runs eagerly and finds every chunk in the whole-sequence op
+    for i, (a, b) in enumerate(zip(run(mode), ref)):
         assert _close(a, b, 1e-4), (i, (a - b).abs().max().item())
+    assert calls, "the level did not take the whole-sequence op"
+    assert list(m._nlc_region.whole.values()) == [True]
+    monkeypatch.setattr(fused, "run_sequence", real)
+    # later calls run the forward compiled whole, the op inside it, traced once
+    for call in range(2):
+        with torch.profiler.profile() as prof:
+            got = run(mode)
+        assert any("mlp2_sequence" in e.name for e in prof.events()), call
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert _close(a, b, 1e-4), (call, i, (a - b).abs().max().item())
+    assert counters["stats"]["unique_graphs"] == 1 and not m._nlc_region.failed
 
 
 @pytest.mark.skipif(
@@ -273,12 +288,15 @@ def test_example_model_regional_fused_equals_eager_unfused(monkeypatch, device, 
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     monkeypatch.setenv("NLC_FUSED", "interpret" if device == "cpu" else "1")
+    torch._dynamo.reset()
     compile_regions(model)
-    _, loss = model(idx, idx)
-    loss.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    for n, g in grads.items():
-        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
+    for _ in range(2):  # the first call eager (with compiled chunk steps), the second compiled
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, idx)
+        loss.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        for n, g in grads.items():
+            torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
 
 
 @needs_triton

@@ -59,6 +59,8 @@ def test_what_is_compiled():
     assert "layer.0.titans.chunk" in done and "layer.1.mid.chunk" in done
     assert "layer.0.slow" in done and "norm" in done  # blocks without in-context levels: whole
     assert not any(d.startswith("layer.0.titans.") and not d.endswith("chunk") for d in done)
+    # levels with a whole-sequence step also get a whole-forward region (used where the step runs)
+    assert "layer.0.fast.forward" in done and "layer.0.titans.forward" not in done
     assert compile_regions(model, backend="aot_eager") == []  # twice: nothing more
     tpp = _model("transformer_pp")
     assert not has_in_context(tpp)
@@ -120,3 +122,32 @@ def test_many_shapes_do_not_exhaust_the_recompile_limit():
             _loss_and_grads(model, torch.randint(0, 256, (B, T)))
             with torch.no_grad():
                 model(torch.randint(0, 256, (B, T)))
+
+
+def test_whole_forward_region_only_where_the_sequence_step_runs(monkeypatch):
+    """A level with a whole-sequence step gets a forward region. Its first call per signature is
+    eager; where a chunk loop ran (here: no fused kernels on the CPU) later calls stay eager with
+    the compiled chunk step. A compile that fails leaves the level eager, with a warning."""
+    from torch._dynamo.exc import Unsupported
+
+    model = _model("titans_lmm", layers=1)
+    idx = torch.randint(0, 256, (2, 40))
+    loss, grads = _loss_and_grads(model, idx)
+    torch._dynamo.reset()
+    compile_regions(model, backend="aot_eager")
+    level = model.layer[0].memory
+    region = level._nlc_region
+    for _ in range(2):
+        loss2, grads2 = _loss_and_grads(model, idx)
+        torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
+    assert list(region.whole.values()) == [False]  # the chunks ran one by one: not compiled whole
+
+    def broken(x):
+        raise Unsupported("stand-in for a failed trace")
+
+    region.whole = {k: True for k in region.whole}  # as if the sequence step had run
+    monkeypatch.setattr(region, "compiled", broken)
+    with pytest.warns(UserWarning, match="compiling its forward whole failed"):
+        loss3, _ = _loss_and_grads(model, idx)
+    torch.testing.assert_close(loss3, loss, rtol=1e-12, atol=1e-12)
+    assert region.failed and "stand-in" in region.failed
