@@ -447,15 +447,18 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         "Returns (the state at the chunk end, y [B, heads, C, w]).",
     ], body))
 
-    # ---- sequence(): every chunk in one fused op, where the chunk is one chunk_step -------------
-    # of a memory the fused kernels may cover (a depth-2 MLP, l2, gd or momentum, chunk read): one
-    # state read by itself, no flow reading the state, plain targets, gradients through every write,
-    # no reset inside the sequence. nl_chunks.sequence_step checks the sizes at run time.
+    # ---- sequence(): every chunk at once, where the chunk is one chunk_step -----------------------
+    # of a memory a whole-sequence form may cover (nl_chunks.sequence_step): a depth-2 MLP on l2
+    # with gd or momentum and a chunk read (the fused kernels), or a linear memory on dot with gd or
+    # dgd (the batched linear form). One state read by itself, no flow reading the state, plain
+    # targets, gradients through every write, no reset inside the sequence. sequence_step checks
+    # the rest (sizes, device, momentum) at run time.
     mem0 = lv.states[0].memory
+    mlp2 = (lv.objective == "l2" and lv.rule in ("gd", "momentum") and lv.read_mode == "chunk"
+            and mem0.kind in ("mlp", "residual_mlp") and mem0.depth == 2)
+    linear = lv.objective == "dot" and lv.rule in ("gd", "dgd") and mem0.kind == "linear"
     if (S == 1 and not batched and not chunk_lines and lv.target != "self" and lv.grad_writes.mode == "full"
-            and nested_parent is None and lv.reset.mode != "every" and lv.objective == "l2"
-            and lv.rule in ("gd", "momentum") and lv.read_mode == "chunk"
-            and mem0.kind in ("mlp", "residual_mlp") and mem0.depth == 2):
+            and nested_parent is None and lv.reset.mode != "every" and (mlp2 or linear)):
         st = lv.states[0]
         sv, mv = em.state_var[st.name], em.mom_var.get(st.name, "None")
         seq = [body[0], Line(f"{', '.join(xs_chunk)}{',' if len(xs_chunk) == 1 else ''} = xs  # the whole sequence's "
@@ -463,12 +466,12 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         seq.append(Line(f"done = nl_chunks.sequence_step({step_args[st.name]}, chunk={C})", 0,
                         _line_comment(program, lv.clause_span("rule"))))
         seq.append(Line("if done is None:"))
-        seq.append(Line("return None  # not covered by the fused kernels: run_chunks runs `chunk`", 1))
+        seq.append(Line("return None  # not covered: run_chunks runs `chunk`", 1))
         seq.append(Line(f"y, {sv}, {mv if momentum else '_'} = done"))
         seq.append(body[-1])
         cls.methods.append(("sequence", "state, xs", [
-            f"The whole sequence in chunks of {C} tokens through one fused op (nl_chunks.sequence_step),",
-            "or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.",
+            f"The whole sequence in chunks of {C} tokens at once (nl_chunks.sequence_step), or None where",
+            "no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.",
         ], seq))
         kw_seq = ["sequence=self.sequence"]
     else:

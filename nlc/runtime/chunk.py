@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused as _fused
+from . import linear_chunks as _linear
 from .memories import (
     OBJECTIVES,
     MemorySpec,
@@ -724,7 +725,22 @@ def scan(
     eta, alpha, beta = full_gate(eta), full_gate(alpha), full_gate(beta)
     W, S = list(weights0), moms0
     ys = []
-    for c0 in range(0, T, chunk):
+    start = 0
+    if step_fn is None and _linear.applies(spec, objective, rule, read, T // chunk):
+        # every full chunk at once (nlc.runtime.linear_chunks), the partial one below
+        _check_call(rule, read, moms0, beta, objective)
+        _check_shapes(spec, weights0, moms0, k, target, q, read)
+        start = T // chunk * chunk
+        dt, W0, _, kk, tt, qq, ee, aa, _ = _prepare(
+            weights0, None, k[..., :start, :], target[..., :start, :],
+            q[..., :start, :] if q is not None else None, eta[..., :start],
+            alpha[..., :start] if alpha is not None else None, None, rule,
+        )  # fmt: skip
+        y, w = _linear.sequence(spec, rule, W0[0], kk, tt, qq, ee, aa, chunk, read)
+        W = [w.to(dt)]
+        if y is not None:
+            ys.append(y)
+    for c0 in range(start, T, chunk):
         sl = slice(c0, min(c0 + chunk, T))
         y, W, S = step(
             spec,

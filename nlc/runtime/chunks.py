@@ -24,8 +24,9 @@ carries, so do not.
 -> (state, y)`` or ``None``. Where the sequence is one run of chunks (no reset inside it, no
 truncation, no kept states), ``run_chunks`` tries it first and falls back to the chunks when it
 returns ``None``. Generated levels whose chunk is one ``chunk_step`` pass one that calls
-:func:`sequence_step`: every chunk of the sequence in one fused op, where the fused kernels
-(``nlc.runtime.fused``) cover the memory.
+:func:`sequence_step`: every chunk of the sequence at once, where the fused kernels
+(``nlc.runtime.fused``) or the batched linear form (``nlc.runtime.linear_chunks``) cover the
+memory.
 
 Shapes: every tensor of ``xs`` has the token axis at dim -2 (``[B, H', T, w]``); ``y`` comes
 back ``[B, H, T, w]``. ``state`` is any pytree of tensors.
@@ -184,17 +185,21 @@ class _ContiguousGrad(torch.autograd.Function):
 def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0: Sequence[Tensor] | None,
                   k: Tensor, target: Tensor, q: Tensor, eta, alpha=None, beta=None, *, chunk: int,
                   read: str = "chunk"):
-    """``chunk_step`` over every chunk of ``chunk`` tokens of a whole sequence, in one fused op; or
-    ``None`` where the fused kernels do not cover the memory (then run the chunks one by one).
+    """``chunk_step`` over every chunk of ``chunk`` tokens of a whole sequence at once; or ``None``
+    where no whole-sequence form covers the memory (then run the chunks one by one).
 
+    Two forms: ``nlc.runtime.fused.mlp2_sequence`` (one fused op: a depth-2 MLP memory the
+    kernels cover) and ``nlc.runtime.linear_chunks.sequence`` (a linear memory on ``dot`` with
+    ``gd`` or ``dgd``: every chunk's state-free part batched, a short recurrence for the state).
     Arguments as ``nlc.runtime.chunk.chunk_step``'s, with the keys, targets, queries
     ``[B, H, T, w]`` and gates ``[B, H, T]`` of the whole sequence. The full chunks go through
-    ``nlc.runtime.fused.mlp2_sequence``; a last partial chunk (``T mod chunk`` tokens) through
-    ``chunk_step``, as ``run_chunks`` applies it. Returns ``(y [B, H, T, dout], weights at the
-    end, momentum at the end or None)``: the values of ``run_chunks`` over ``chunk_step``.
+    the form; a last partial chunk (``T mod chunk`` tokens) through ``chunk_step``, as
+    ``run_chunks`` applies it. Returns ``(y [B, H, T, dout], weights at the end, momentum at the
+    end or None)``: the values of ``run_chunks`` over ``chunk_step``.
     """
     from . import chunk as _chunk
     from . import fused as _fused
+    from . import linear_chunks as _linear
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -204,8 +209,6 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
     states = [*weights0, *(moms0 or ())]
     T = k.shape[-2]
     n = T // chunk
-    if n < 1 or not _fused.applies(spec, objective, rule, read, q, k, dt, states, chunk=chunk):
-        return None
     full = n * chunk
     mom = rule.uses_momentum
 
@@ -218,11 +221,21 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
     def head_gate(g):
         return g[..., :full] if per_token(g) and g.shape[-1] != full else g
 
-    y, W, S = _fused.run_sequence(
-        spec, mom, list(weights0), list(moms0) if moms0 is not None else None, head(k),
-        head(target), head(q), head_gate(eta), head_gate(alpha) if alpha is not None else None,
-        head_gate(beta) if mom else None, chunk, _fused.precision(k.device.type),
-    )  # fmt: skip
+    if n >= 1 and _fused.applies(spec, objective, rule, read, q, k, dt, states, chunk=chunk):
+        y, W, S = _fused.run_sequence(
+            spec, mom, list(weights0), list(moms0) if moms0 is not None else None, head(k),
+            head(target), head(q), head_gate(eta), head_gate(alpha) if alpha is not None else None,
+            head_gate(beta) if mom else None, chunk, _fused.precision(k.device.type),
+        )  # fmt: skip
+    elif _linear.applies(spec, objective, rule, read, n):
+        _, W0, _, kk, tt, qq, ee, aa, _ = _chunk._prepare(
+            weights0, None, head(k), head(target), head(q) if q is not None else None,
+            head_gate(eta), head_gate(alpha) if alpha is not None else None, None, rule,
+        )  # fmt: skip
+        y, w = _linear.sequence(spec, rule, W0[0], kk, tt, qq, ee, aa, chunk, read)
+        W, S = [w.to(dt)], None
+    else:
+        return None
     if full == T:
         return y, W, S
 
@@ -230,8 +243,11 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
         return g[..., full:] if per_token(g) else g
 
     y2, W, S = _chunk.chunk_step(
-        spec, objective, rule, W, S, k[..., full:, :], target[..., full:, :], q[..., full:, :],
-        tail_gate(eta), tail_gate(alpha) if alpha is not None else None,
+        spec, objective, rule, W, S, k[..., full:, :], target[..., full:, :],
+        q[..., full:, :] if q is not None else None, tail_gate(eta),
+        tail_gate(alpha) if alpha is not None else None,
         tail_gate(beta) if beta is not None else None, read=read,
     )  # fmt: skip
+    if y is None:
+        return None, W, S
     return torch.cat([y, y2], dim=-2), W, S

@@ -1027,3 +1027,52 @@ def test_linear_dot_is_period_invariant(rule_name):
         assert_close(y, outs[0][0], 1e-12)
         for a, b in zip(W + (S or []), outs[0][1] + (outs[0][2] or [])):
             assert_close(a, b, 1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# a linear memory's chunks all at once (nlc.runtime.linear_chunks)
+
+
+@pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize(
+    "rule,gates",
+    [
+        (RuleSpec("dgd"), "random"),
+        (RuleSpec("dgd"), "edges"),
+        (RuleSpec("dgd", dgd_form="normalized"), "random"),
+        (RuleSpec("gd"), "random"),
+        (RuleSpec("dgd"), "no decay"),
+    ],
+)
+def test_linear_chunks_at_once_match_reference(monkeypatch, rule, gates, read):
+    """The delta rule and gd on ``dot`` of a linear memory: ``scan`` takes every full chunk at
+    once (``linear_chunks.sequence``; a partial chunk after them) and matches the per-token
+    reference in float64: outputs, final state, and the gradients of W_0 (a shared [H, out, in]
+    initial state here), k, v, q and the gates."""
+    from nlc.runtime import linear_chunks
+
+    spec = MemorySpec("linear", 6, 5)
+    p = make_problem(spec, rule, B=2, H=3, T=3 * 8 + 5, seed=seed_of(rule, gates, read),
+                     gates="random" if gates == "no decay" else gates)  # fmt: skip
+    if gates == "no decay":
+        p["alpha"] = None
+    p["W0"] = [torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(3), dtype=F64).requires_grad_()]
+    calls = []
+    real = linear_chunks.sequence
+    monkeypatch.setattr(linear_chunks, "sequence", lambda *a: calls.append(1) or real(*a))
+    compare(spec, "dot", rule, p, 8, read, tol=1e-9)
+    assert calls, "scan did not take linear_chunks.sequence"
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "0")  # the chunk loop, for the record: the same values
+    compare(spec, "dot", rule, p, 8, read, tol=1e-9)
+    assert len(calls) == 1
+
+
+def test_linear_chunks_decline():
+    from nlc.runtime import linear_chunks
+
+    lin = MemorySpec("linear", 4, 4)
+    assert linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 2)
+    assert not linear_chunks.applies(lin, "l2", RuleSpec("dgd"), "causal", 2)  # gradient reads W
+    assert not linear_chunks.applies(lin, "dot", RuleSpec("momentum"), "causal", 2)
+    assert not linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 1)  # one chunk
+    assert not linear_chunks.applies(make_spec("mlp2"), "dot", RuleSpec("dgd"), "causal", 4)

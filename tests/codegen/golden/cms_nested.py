@@ -167,8 +167,8 @@ class OuterLevel(nn.Module):
         return ((outer,), ()), y
 
     def sequence(self, state, xs):
-        """The whole sequence in chunks of 64 tokens through one fused op (nl_chunks.sequence_step),
-        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """The whole sequence in chunks of 64 tokens at once (nl_chunks.sequence_step), or None where
+        no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
         """
         (outer,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
@@ -188,7 +188,7 @@ class OuterLevel(nn.Module):
             chunk=64,
         )
         if done is None:
-            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+            return None  # not covered: run_chunks runs `chunk`
         y, outer, _ = done
         return ((outer,), ()), y
 

@@ -271,8 +271,8 @@ class FastLevel(nn.Module):
         return ((fast,), ()), y
 
     def sequence(self, state, xs):
-        """The whole sequence in chunks of 16 tokens through one fused op (nl_chunks.sequence_step),
-        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """The whole sequence in chunks of 16 tokens at once (nl_chunks.sequence_step), or None where
+        no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
         """
         (fast,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
@@ -292,7 +292,7 @@ class FastLevel(nn.Module):
             chunk=16,
         )
         if done is None:
-            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+            return None  # not covered: run_chunks runs `chunk`
         y, fast, _ = done
         return ((fast,), ()), y
 
@@ -388,8 +388,8 @@ class MidLevel(nn.Module):
         return ((mid,), ()), y
 
     def sequence(self, state, xs):
-        """The whole sequence in chunks of 64 tokens through one fused op (nl_chunks.sequence_step),
-        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """The whole sequence in chunks of 64 tokens at once (nl_chunks.sequence_step), or None where
+        no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
         """
         (mid,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
@@ -409,7 +409,7 @@ class MidLevel(nn.Module):
             chunk=64,
         )
         if done is None:
-            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+            return None  # not covered: run_chunks runs `chunk`
         y, mid, _ = done
         return ((mid,), ()), y
 

@@ -176,8 +176,8 @@ class MemoryLevel(nn.Module):
         return ((memory,), (memory_s,)), y
 
     def sequence(self, state, xs):
-        """The whole sequence in chunks of 16 tokens through one fused op (nl_chunks.sequence_step),
-        or None where its kernels do not cover the memory. Same values as `chunk` applied chunk by chunk.
+        """The whole sequence in chunks of 16 tokens at once (nl_chunks.sequence_step), or None where
+        no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
         """
         (memory,), (memory_s,) = state
         key_c, value_c, query_c, theta_c, retain_c, eta_c = xs  # the whole sequence's tokens
@@ -197,7 +197,7 @@ class MemoryLevel(nn.Module):
             chunk=16,
         )
         if done is None:
-            return None  # not covered by the fused kernels: run_chunks runs `chunk`
+            return None  # not covered: run_chunks runs `chunk`
         y, memory, memory_s = done
         return ((memory,), (memory_s,)), y
 

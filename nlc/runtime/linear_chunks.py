@@ -1,0 +1,124 @@
+"""Every chunk of a linear memory at once: the delta rule (``dgd`` on ``dot``) without a chunk loop.
+
+``nlc.runtime.chunk.chunk_step`` computes one chunk from its chunk-start weights ``W_0``; a
+sequence of ``n`` chunks is ``n`` such steps in a row, each a few dozen small operations (the
+delta rule at B 8, T 2048, H 16, D 128, period 64: 32 steps, launch-bound eagerly, and a long
+compile when unrolled). For a **linear** memory whose inner gradients do not depend on the
+weights (objective ``dot``: ``g_t = -v_t k_t^T``) and a rule without momentum (``gd`` or
+``dgd``), everything in a chunk except ``W_0`` itself depends only on the chunk's tokens and
+gates, and the chunk is *affine* in ``W_0``. With ``chunk``'s notation (``A``, ``gamma``, the
+preconditioner's unit-lower-triangular system ``(I + K) w = R``), ``R = -eta' gamma_prev (a
+W_0^T) + R_free``, so the system's solution splits as ``w = P W_0^T + w_free`` with
+
+    P      = (I + K)^{-1} diag(-eta' gamma_prev) a            [C, in]
+    w_free = (I + K)^{-1} R_free                                [C, out]
+
+and the chunk's read and end state are
+
+    y      = Qeff W_0^T + z_free,   Qeff = gamma * q + (A o (q a^T)) P       (causal read)
+    W_end  = W_0 M + F,             M = gamma_end I + (A_end * P)^T a,
+                                    F = -sum_s A_end[s] eta_s u_s a_s^T + (A_end * w_free)^T a.
+
+:func:`sequence` computes ``P, w_free, Qeff, z_free, M, F`` for all chunks at once (batched
+products and one batched triangular solve over ``[..., n, C, C]``), then runs the only sequential
+part, ``W_{c+1} = W_c M_c + F_c`` (one ``[in, in]`` product per chunk, in float32 with autocast
+off so the state is never rounded to bf16), and reads every chunk with one batched product. The
+values are ``chunk_step``'s chunk after chunk, up to rounding (tested against the per-token
+reference in float64, values and gradients). ``gd`` is the case ``P = 0``; a chunk read
+(``read="chunk"``) is ``Qeff = q, z_free = 0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["applies", "sequence"]
+
+
+def applies(spec, objective: str, rule, read: str, n_chunks: int) -> bool:
+    """Whether :func:`sequence` computes this memory: ``linear``, objective ``dot``, rule ``gd`` or
+    ``dgd`` without momentum, at least two chunks (``NLC_LINEAR_CHUNKS=0``: never)."""
+    return (
+        os.environ.get("NLC_LINEAR_CHUNKS", "1") != "0"
+        and spec.kind == "linear"
+        and objective == "dot"
+        and rule.kind in ("gd", "dgd")
+        and not rule.uses_momentum
+        and read in ("chunk", "causal")
+        and n_chunks >= 2
+    )
+
+
+def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None, eta: Tensor,
+             alpha: Tensor | None, C: int, read: str) -> tuple[Tensor | None, Tensor]:
+    """``n = T / C`` full chunks of a linear memory (``applies``), all at once.
+
+    ``W0`` ``[..., out, in]`` (broadcast to the keys' batch); keys ``k`` and queries ``q``
+    ``[..., T, in]``, targets ``[..., T, out]``, gates ``eta``, ``alpha`` ``[..., T]`` (``alpha``
+    ``None``: no decay), all in the compute dtype (``chunk._prepare``); ``T`` a multiple of ``C``.
+    Returns ``(y [..., T, out] or None without queries, W at the end [..., out, in])``.
+    """
+    from .chunk import _Coeffs
+
+    T = k.shape[-2]
+    n = T // C
+    dt = W0.dtype
+    a = k.unflatten(-2, (n, C))  # [..., n, C, in]
+    u = -target.unflatten(-2, (n, C))  # dl/dy of the dot objective: [..., n, C, out]
+    eta = eta.unflatten(-1, (n, C))
+    alpha = alpha.unflatten(-1, (n, C)) if alpha is not None else None
+    dgd = rule.kind == "dgd"
+    if dgd and rule.dgd_form == "normalized":
+        eta = eta / (1.0 + eta * (a * a).sum(-1))
+    full = dgd or read == "causal"
+    co = _Coeffs(alpha, None, C, momentum=False, full=full, dgd=dgd, dtype=dt, device=k.device)
+
+    def apply(coef: Tensor, h: Tensor) -> Tensor:  # sum_s coef[t, s] g_s h_t, g_s = u_s a_s^T
+        return (coef * (h @ a.mT)) @ u
+
+    if dgd:
+        geta = co.G * eta[..., None, :]
+        geta_prev = F.pad(geta[..., :-1, :], (0, 0, 1, 0))
+        K = eta[..., :, None] * co.A_prev * (a @ a.mT)
+        rhs = torch.cat([(-eta * co.gam_prev)[..., None] * a, eta[..., None] * apply(geta_prev, a)], dim=-1)
+        rhs = rhs.to(K.dtype)
+        X = torch.linalg.solve_triangular(K, rhs, upper=False, unitriangular=True)
+        P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
+    # the chunk's end state, affine in its start state: W_end = W_0 M + F
+    wsum = (u * (co.G_end * eta)[..., None]).mT @ a  # sum_s A_end[s] eta_s u_s a_s^T
+    eye = torch.eye(a.shape[-1], dtype=dt, device=k.device)
+    M = co.gam_end[..., None, None] * eye
+    Fc = -wsum
+    if dgd:
+        M = M + (P * co.A_end[..., None]).mT @ a
+        Fc = Fc + (w_free * co.A_end[..., None]).mT @ a
+    M = torch.broadcast_to(M, (*Fc.shape[:-2], *M.shape[-2:]))  # no decay: gamma_end is a scalar
+    # the sequential part: n products of [in, in], in float32 without autocast
+    f32 = torch.promote_types(dt, torch.float32)
+    with torch.autocast(k.device.type, enabled=False):
+        M, Fc = M.to(f32), Fc.to(f32)
+        W = W0.to(f32)
+        starts = []
+        for c in range(n):
+            starts.append(W)
+            W = W @ M[..., c, :, :] + Fc[..., c, :, :]
+        if q is None:
+            return None, W
+        batch = torch.broadcast_shapes(starts[0].shape[:-2], starts[-1].shape[:-2])
+        Ws = torch.stack([torch.broadcast_to(s, (*batch, *s.shape[-2:])) for s in starts], dim=-3)
+    h = q.unflatten(-2, (n, C))
+    if read == "chunk":
+        y = h @ Ws.mT
+    else:
+        hA = co.A * (h @ a.mT)
+        qeff = co.gam[..., None] * h
+        z = -apply(geta if dgd else co.G * eta[..., None, :], h)
+        if dgd:
+            qeff = qeff + hA @ P
+            z = z + hA @ w_free
+        y = qeff @ Ws.mT + z
+    return y.flatten(-3, -2), W
