@@ -1076,3 +1076,20 @@ def test_linear_chunks_decline():
     assert not linear_chunks.applies(lin, "dot", RuleSpec("momentum"), "causal", 2)
     assert not linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 1)  # one chunk
     assert not linear_chunks.applies(make_spec("mlp2"), "dot", RuleSpec("dgd"), "causal", 4)
+
+
+def test_linear_chunks_under_bf16_autocast_track_the_chunk_loop(monkeypatch):
+    """Under bf16 autocast both paths multiply bf16 operands; the batched form keeps its state
+    recurrence in float32 (autocast off): the two agree to bf16 rounding, and the state stays
+    float32."""
+    spec, rule = MemorySpec("linear", 16, 16), RuleSpec("dgd")
+    p = make_problem(spec, rule, B=2, H=2, T=4 * 16, seed=7, dtype=torch.float32)
+    args = (spec, "dot", rule, p["W0"], None, p["k"], p["v"], p["q"], p["eta"], p["alpha"], None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, W, _ = scan(*args, chunk=16, read="causal")
+        monkeypatch.setenv("NLC_LINEAR_CHUNKS", "0")
+        y0, W0, _ = scan(*args, chunk=16, read="causal")
+    assert W[0].dtype == torch.float32
+    for a, b in ((y, y0), (W[0], W0[0])):
+        err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+        assert err < 1.5e-2, err.item()
