@@ -137,11 +137,14 @@ def decay_matrix(
     if g is None:
         return lower.to(dtype)
     gp = F.pad(g, (1, 0), value=1.0)  # [..., C+1]; the chunk-start slot is a dummy 1
-    strict = idx[:, None] > idx[None, :]
+    # built transposed, [..., s, t] = g_t for t > s, so the cumprod runs along the last axis.
+    # Down a leading axis of 129 (C = 128), inductor (torch 2.11, CUDA) failed to generate the
+    # scan's code; a scan along the last axis is its common case. Same products, same order.
+    after = idx[:, None] < idx[None, :]
     m = torch.where(
-        strict, gp[..., :, None], torch.ones((), dtype=gp.dtype, device=gp.device)
+        after, gp[..., None, :], torch.ones((), dtype=gp.dtype, device=gp.device)
     )
-    p = torch.cumprod(m, dim=-2)
+    p = torch.cumprod(m, dim=-1).mT
     return torch.where(lower, p, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
