@@ -151,3 +151,31 @@ def test_whole_forward_region_only_where_the_sequence_step_runs(monkeypatch):
         loss3, _ = _loss_and_grads(model, idx)
     torch.testing.assert_close(loss3, loss, rtol=1e-12, atol=1e-12)
     assert region.failed and "stand-in" in region.failed
+
+
+def test_whole_forward_region_of_the_delta_rule_equals_eager():
+    """The delta rule's chunks all run at once (``linear_chunks``, on any device): from the second
+    call its level's forward runs compiled whole, once traced, with the eager values and
+    gradients (T = 75: two chunks of 32 and a partial one)."""
+    text = shrink((ROOT / "examples" / "delta_rule.nl").read_text(), d=16, heads=2, layers=2)
+    text = text.replace("every 64 tokens", "every 32 tokens")
+    torch.manual_seed(0)
+    model = nlc.load(text)().double()
+    idx = torch.randint(0, 256, (2, 75))
+    loss, grads = _loss_and_grads(model, idx)
+    torch._dynamo.reset()
+    counters.clear()
+    done = compile_regions(model, backend="aot_eager")
+    assert "layer.0.delta.forward" in done
+    regions = [m._nlc_region for m in model.modules() if "_nlc_region" in m.__dict__]
+    assert len(regions) == 2
+    calls = []
+    for r in regions:
+        r.compiled = (lambda f: lambda x: calls.append(1) or f(x))(r.compiled)
+    for _ in range(3):
+        loss2, grads2 = _loss_and_grads(model, idx)
+        torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
+        for n, g in grads.items():
+            torch.testing.assert_close(grads2[n], g, rtol=1e-9, atol=1e-12, msg=n)
+    assert all(list(r.whole.values()) == [True] and not r.failed for r in regions)
+    assert len(calls) == 4  # calls 2 and 3 of both layers ran the compiled forward
