@@ -729,7 +729,7 @@ def scan(
     W, S = list(weights0), moms0
     ys = []
     start = 0
-    if step_fn is None and _linear.applies(spec, objective, rule, read, T // chunk):
+    if step_fn is None and _linear.applies(spec, objective, rule, read, T // chunk, k.device):
         # every full chunk at once (nlc.runtime.linear_chunks), the partial one below
         _check_call(rule, read, moms0, beta, objective)
         _check_shapes(spec, weights0, moms0, k, target, q, read)

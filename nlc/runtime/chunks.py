@@ -227,7 +227,7 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
             head(target), head(q), head_gate(eta), head_gate(alpha) if alpha is not None else None,
             head_gate(beta) if mom else None, chunk, _fused.precision(k.device.type),
         )  # fmt: skip
-    elif _linear.applies(spec, objective, rule, read, n):
+    elif _linear.applies(spec, objective, rule, read, n, k.device):
         _, W0, _, kk, tt, qq, ee, aa, _ = _chunk._prepare(
             weights0, None, head(k), head(target), head(q) if q is not None else None,
             head_gate(eta), head_gate(alpha) if alpha is not None else None, None, rule,

@@ -19,10 +19,14 @@ and the chunk's read and end state are
     W_end  = W_0 M + F,             M = gamma_end I + (A_end * P)^T a,
                                     F = -sum_s A_end[s] eta_s u_s a_s^T + (A_end * w_free)^T a.
 
+``M`` is the identity scaled plus a rank-``C`` term: the recurrence forms it as an ``[in, in]``
+matrix where ``2 C >= in`` and applies its factors otherwise (``C`` much smaller than ``in``:
+``2 C in^2`` per chunk instead of ``in^3``).
+
 :func:`sequence` computes ``P, w_free, Qeff, z_free, M, F`` for all chunks at once (batched
 products and one batched triangular solve over ``[..., n, C, C]``), then runs the only sequential
-part, ``W_{c+1} = W_c M_c + F_c`` (one ``[in, in]`` product per chunk, in float32 with autocast
-off so the state is never rounded to bf16), and reads every chunk with one batched product. The
+part, ``W_{c+1} = W_c M_c + F_c`` (in float32 with autocast off, so the state is never rounded
+to bf16), and reads every chunk with one batched product. The
 values are ``chunk_step``'s chunk after chunk, up to rounding (tested against the per-token
 reference in float64, values and gradients). ``gd`` is the case ``P = 0``; a chunk read
 (``read="chunk"``) is ``Qeff = q, z_free = 0``.
@@ -39,11 +43,18 @@ from torch import Tensor
 __all__ = ["applies", "sequence"]
 
 
-def applies(spec, objective: str, rule, read: str, n_chunks: int) -> bool:
+def applies(spec, objective: str, rule, read: str, n_chunks: int, device) -> bool:
     """Whether :func:`sequence` computes this memory: ``linear``, objective ``dot``, rule ``gd`` or
-    ``dgd`` without momentum, at least two chunks (``NLC_LINEAR_CHUNKS=0``: never)."""
+    ``dgd`` without momentum, at least two chunks, on a CUDA device.
+
+    ``NLC_LINEAR_CHUNKS``: ``auto`` (default) on CUDA only, ``1`` on any device, ``0`` never. On a
+    GPU the chunk loop is launch-bound and this form wins (the delta-rule op at B 8, T 2048, H 16,
+    D 128, period 64: 1.13M tokens/s against 96k on an H200); on a CPU, compute-bound, it did the
+    same work slower (0.77-0.90x the loop, ``benchmarks/cpu_delta.py``)."""
+    mode = os.environ.get("NLC_LINEAR_CHUNKS", "auto")
+    on = mode == "1" or (mode != "0" and torch.device(device).type == "cuda")
     return (
-        os.environ.get("NLC_LINEAR_CHUNKS", "1") != "0"
+        on
         and spec.kind == "linear"
         and objective == "dot"
         and rule.kind in ("gd", "dgd")
@@ -88,24 +99,38 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
         rhs = rhs.to(K.dtype)
         X = torch.linalg.solve_triangular(K, rhs, upper=False, unitriangular=True)
         P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
-    # the chunk's end state, affine in its start state: W_end = W_0 M + F
-    wsum = (u * (co.G_end * eta)[..., None]).mT @ a  # sum_s A_end[s] eta_s u_s a_s^T
-    eye = torch.eye(a.shape[-1], dtype=dt, device=k.device)
-    M = co.gam_end[..., None, None] * eye
-    Fc = -wsum
+    # the chunk's end state, affine in its start state: W_end = W_0 M + F with
+    # M = gamma_end I + U^T a, U = A_end * P (rank C): formed as an [in, in] matrix when that is
+    # cheaper per chunk (2 C >= in: one product of in^3 in the loop), else applied in its factors
+    # (2 C in^2 per chunk: gamma_end W + (W U^T) a)
+    Fc = -(u * (co.G_end * eta)[..., None]).mT @ a  # -sum_s A_end[s] eta_s u_s a_s^T
+    din = a.shape[-1]
+    gam_end = torch.broadcast_to(co.gam_end, Fc.shape[:-2])  # no decay: a scalar 1
+    U = P * co.A_end[..., None] if dgd else None
     if dgd:
-        M = M + (P * co.A_end[..., None]).mT @ a
         Fc = Fc + (w_free * co.A_end[..., None]).mT @ a
-    M = torch.broadcast_to(M, (*Fc.shape[:-2], *M.shape[-2:]))  # no decay: gamma_end is a scalar
-    # the sequential part: n products of [in, in], in float32 without autocast
+    dense = dgd and 2 * C >= din
+    M = None
+    if dense:
+        M = gam_end[..., None, None] * torch.eye(din, dtype=dt, device=k.device) + U.mT @ a
+    # the sequential part, in float32 without autocast (the state is never rounded to bf16)
     f32 = torch.promote_types(dt, torch.float32)
     with torch.autocast(k.device.type, enabled=False):
-        M, Fc = M.to(f32), Fc.to(f32)
+        Fc, gam_end = Fc.to(f32), gam_end.to(f32)
+        if dense:
+            M = M.to(f32)
+        elif dgd:
+            U, af = U.to(f32), a.to(f32)
         W = W0.to(f32)
         starts = []
         for c in range(n):
             starts.append(W)
-            W = W @ M[..., c, :, :] + Fc[..., c, :, :]
+            if dense:
+                W = W @ M[..., c, :, :] + Fc[..., c, :, :]
+            elif dgd:
+                W = gam_end[..., c, None, None] * W + (W @ U[..., c, :, :].mT) @ af[..., c, :, :] + Fc[..., c, :, :]
+            else:
+                W = gam_end[..., c, None, None] * W + Fc[..., c, :, :]
         if q is None:
             return None, W
         batch = torch.broadcast_shapes(starts[0].shape[:-2], starts[-1].shape[:-2])

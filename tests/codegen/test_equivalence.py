@@ -164,3 +164,20 @@ def test_random_levels_match_reference(case):
     lv = program.level("mem")
     out_err, grad_err = compare_level(program, lv, classes["mem"], T=T, seed=seed)
     assert out_err < TOL and grad_err < TOL, (out_err, grad_err, text)
+
+
+@pytest.mark.parametrize("period", PERIODS)
+def test_delta_level_with_all_chunks_at_once_matches_reference(monkeypatch, period):
+    """The generated delta-rule level through its `sequence` step with `nlc.runtime.linear_chunks`
+    (the default on CUDA; turned on here for the CPU) against the literal reference."""
+    from nlc.runtime import linear_chunks
+
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
+    calls = []
+    real = linear_chunks.sequence
+    monkeypatch.setattr(linear_chunks, "sequence", lambda *a: calls.append(1) or real(*a))
+    path = next(p for p in in_context_examples() if p.stem == "delta_rule")
+    program, classes, _ = level_classes(_with_period(shrink(path.read_text()), period))
+    out_err, grad_err = compare_level(program, program.level("delta"), classes["delta"], T=21)
+    assert out_err < TOL and grad_err < TOL, (out_err, grad_err)
+    assert calls if 21 // period >= 2 else not calls

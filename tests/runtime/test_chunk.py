@@ -1044,7 +1044,8 @@ def test_linear_dot_is_period_invariant(rule_name):
         (RuleSpec("dgd"), "no decay"),
     ],
 )
-def test_linear_chunks_at_once_match_reference(monkeypatch, rule, gates, read):
+@pytest.mark.parametrize("chunk", [8, 2])  # 2 C >= in: the state map formed; 2 C < in: its factors
+def test_linear_chunks_at_once_match_reference(monkeypatch, rule, gates, read, chunk):
     """The delta rule and gd on ``dot`` of a linear memory: ``scan`` takes every full chunk at
     once (``linear_chunks.sequence``; a partial chunk after them) and matches the per-token
     reference in float64: outputs, final state, and the gradients of W_0 (a shared [H, out, in]
@@ -1060,22 +1061,29 @@ def test_linear_chunks_at_once_match_reference(monkeypatch, rule, gates, read):
     calls = []
     real = linear_chunks.sequence
     monkeypatch.setattr(linear_chunks, "sequence", lambda *a: calls.append(1) or real(*a))
-    compare(spec, "dot", rule, p, 8, read, tol=1e-9)
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")  # on the CPU too
+    compare(spec, "dot", rule, p, chunk, read, tol=1e-9)
     assert calls, "scan did not take linear_chunks.sequence"
     monkeypatch.setenv("NLC_LINEAR_CHUNKS", "0")  # the chunk loop, for the record: the same values
-    compare(spec, "dot", rule, p, 8, read, tol=1e-9)
+    compare(spec, "dot", rule, p, chunk, read, tol=1e-9)
     assert len(calls) == 1
 
 
-def test_linear_chunks_decline():
+def test_linear_chunks_decline(monkeypatch):
     from nlc.runtime import linear_chunks
 
     lin = MemorySpec("linear", 4, 4)
-    assert linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 2)
-    assert not linear_chunks.applies(lin, "l2", RuleSpec("dgd"), "causal", 2)  # gradient reads W
-    assert not linear_chunks.applies(lin, "dot", RuleSpec("momentum"), "causal", 2)
-    assert not linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 1)  # one chunk
-    assert not linear_chunks.applies(make_spec("mlp2"), "dot", RuleSpec("dgd"), "causal", 4)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 2, cuda)  # default: CUDA only
+    assert not linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 2, cpu)
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
+    assert linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 2, cpu)
+    assert not linear_chunks.applies(lin, "l2", RuleSpec("dgd"), "causal", 2, cpu)  # gradient reads W
+    assert not linear_chunks.applies(lin, "dot", RuleSpec("momentum"), "causal", 2, cpu)
+    assert not linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 1, cpu)  # one chunk
+    assert not linear_chunks.applies(make_spec("mlp2"), "dot", RuleSpec("dgd"), "causal", 4, cpu)
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "0")
+    assert not linear_chunks.applies(lin, "dot", RuleSpec("dgd"), "causal", 2, cuda)
 
 
 def test_linear_chunks_under_bf16_autocast_track_the_chunk_loop(monkeypatch):
@@ -1085,6 +1093,7 @@ def test_linear_chunks_under_bf16_autocast_track_the_chunk_loop(monkeypatch):
     spec, rule = MemorySpec("linear", 16, 16), RuleSpec("dgd")
     p = make_problem(spec, rule, B=2, H=2, T=4 * 16, seed=7, dtype=torch.float32)
     args = (spec, "dot", rule, p["W0"], None, p["k"], p["v"], p["q"], p["eta"], p["alpha"], None)
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")  # on the CPU too
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, W, _ = scan(*args, chunk=16, read="causal")
         monkeypatch.setenv("NLC_LINEAR_CHUNKS", "0")

@@ -153,10 +153,11 @@ def test_whole_forward_region_only_where_the_sequence_step_runs(monkeypatch):
     assert region.failed and "stand-in" in region.failed
 
 
-def test_whole_forward_region_of_the_delta_rule_equals_eager():
-    """The delta rule's chunks all run at once (``linear_chunks``, on any device): from the second
-    call its level's forward runs compiled whole, once traced, with the eager values and
-    gradients (T = 75: two chunks of 32 and a partial one)."""
+def test_whole_forward_region_of_the_delta_rule_equals_eager(monkeypatch):
+    """The delta rule's chunks all run at once (``linear_chunks``, here turned on for the CPU): from
+    the second call its level's forward runs compiled whole, with the eager values and gradients
+    (T = 75: two chunks of 32 and a partial one)."""
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
     text = shrink((ROOT / "examples" / "delta_rule.nl").read_text(), d=16, heads=2, layers=2)
     text = text.replace("every 64 tokens", "every 32 tokens")
     torch.manual_seed(0)
