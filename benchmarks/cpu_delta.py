@@ -24,8 +24,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nlc.runtime import chunk as nl_chunk  # noqa: E402
-from nlc.runtime import memories as nl_mem  # noqa: E402
+from nlc.runtime import chunk as nl_chunk
+from nlc.runtime import memories as nl_mem
 
 
 def main() -> None:
