@@ -239,3 +239,26 @@ def test_bench_compiled_on_cpu(tmp_path):
     assert c["enabled"] and c["fullgraph_ok"] is True and c["graph_breaks"] == 0
     assert c["recompiles_after_warmup"] == 0
     assert c["cold_s"] > 0 and c["warm_s"] is not None and c["warm_s"] < c["cold_s"]
+
+
+def test_bench_regional_counts_the_whole_forward_compile(monkeypatch):
+    """A level whose forward region compiles on its second call (the delta rule, its chunks all at
+    once: turned on for the CPU here): the compile phase is two steps, the region compiled whole,
+    nothing recompiles after the warm-up."""
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
+    r = bench.run_bench(
+        EX / "delta_rule.nl",
+        dims=bench.parse_dims(TINY),
+        batch_size=2,
+        seq_len=2 * 64 + 5,
+        steps=2,
+        warmup=1,
+        compile=True,
+        compile_scope="regional",
+        compile_times=False,
+        device="cpu",
+        ceilings=False,
+    )
+    c = r["compile"]
+    assert c["compile_steps"] == 2 and c["fullgraph_ok"] is True and c["graph_breaks"] == 0
+    assert c["recompiles_after_warmup"] == 0 and c["cold_s"] > 0
