@@ -53,9 +53,11 @@ def test_compiled_model_matches_eager_on_cuda(name):
     torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("name", ["titans_lmm", "hope", "cms_nested"])
+@pytest.mark.parametrize("name", ["titans_lmm", "hope", "cms_nested", "delta_rule"])
 def test_regional_compile_matches_eager_on_cuda(name):
-    """Inductor regions (compiled chunk steps and blocks) on CUDA: loss and gradients as eager."""
+    """Inductor regions (compiled chunk steps and blocks) on CUDA: loss and gradients as eager, on
+    the first call and on the next two, where a level whose sequence runs at once (Titans' fused
+    op, the delta rule's linear form) runs its forward compiled whole."""
     from nlc.runtime.regional import compile_regions
 
     from ..conftest import ROOT
@@ -71,11 +73,16 @@ def test_regional_compile_matches_eager_on_cuda(name):
     model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     compile_regions(model)
-    _, regional = model(idx, idx)
-    regional.backward()
-    torch.testing.assert_close(regional, eager, rtol=2e-3, atol=2e-3)
-    for n, g in grads.items():
-        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=5e-3, atol=5e-4, msg=n)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        _, regional = model(idx, idx)
+        regional.backward()
+        torch.testing.assert_close(regional, eager, rtol=2e-3, atol=2e-3)
+        for n, g in grads.items():
+            torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=5e-3, atol=5e-4, msg=n)
+    if name in ("titans_lmm", "delta_rule"):
+        regions = [m._nlc_region for m in model.modules() if "_nlc_region" in m.__dict__]
+        assert regions and all(list(r.whole.values()) == [True] and not r.failed for r in regions)
 
 
 def test_level_in_cuda_graphs_matches_eager():
