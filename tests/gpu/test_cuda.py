@@ -152,3 +152,37 @@ def test_training_with_cuda_graphs_matches_uncaptured(name):
     torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("read", ["causal", "chunk"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_linear_chunks_on_cuda_match_the_reference(dtype, tol, read):
+    """The delta rule with every chunk at once (`nlc.runtime.linear_chunks`, the default on CUDA)
+    against the per-token reference on the CPU in float64: outputs and every input gradient."""
+    from nlc.reference import memory_scan
+    from nlc.runtime import linear_chunks
+    from nlc.runtime.chunk import RuleSpec, scan
+    from nlc.runtime.memories import MemorySpec
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    spec, rule = MemorySpec("linear", 32, 32), RuleSpec("dgd")
+    B, H, T, C = 2, 2, 3 * 16 + 5, 16
+    assert linear_chunks.applies(spec, "dot", rule, read, T // C, torch.device("cuda"))
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, 32, generator=g, dtype=torch.float64), dim=-1)
+            for _ in range(2))  # fmt: skip
+    v = torch.randn(B, H, T, 32, generator=g, dtype=torch.float64)
+    eta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
+    alpha = torch.sigmoid(3 + torch.randn(B, H, T, generator=g, dtype=torch.float64))
+    W0 = 0.1 * torch.randn(B, H, 32, 32, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (W0, k, v, q, eta, alpha)]
+    y, W, _ = memory_scan(spec, "dot", rule, [leaves[0]], None, *leaves[1:4], leaves[4], leaves[5], None,
+                          chunk=C, read=read)  # fmt: skip
+    w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad((y * w).sum() + W[0].sum(), leaves)
+    dev = [t.detach().to("cuda", dtype).requires_grad_() for t in (W0, k, v, q, eta, alpha)]
+    yd, Wd, _ = scan(spec, "dot", rule, [dev[0]], None, *dev[1:4], dev[4], dev[5], None, chunk=C, read=read)
+    got = torch.autograd.grad((yd * w.to("cuda", dtype)).sum() + Wd[0].sum(), dev)
+    for a, b in zip([yd, Wd[0], *got], [y, W[0], *ref]):
+        err = (a.double().cpu() - b.detach()).abs().max().item() / (b.abs().max().item() + 1e-12)
+        assert err < tol, err
