@@ -734,13 +734,11 @@ def scan(
         _check_call(rule, read, moms0, beta, objective)
         _check_shapes(spec, weights0, moms0, k, target, q, read)
         start = T // chunk * chunk
-        dt, W0, _, kk, tt, qq, ee, aa, _ = _prepare(
-            weights0, None, k[..., :start, :], target[..., :start, :],
+        y, W = _linear.run(
+            spec, rule, weights0, k[..., :start, :], target[..., :start, :],
             q[..., :start, :] if q is not None else None, eta[..., :start],
-            alpha[..., :start] if alpha is not None else None, None, rule,
+            alpha[..., :start] if alpha is not None else None, chunk, read,
         )  # fmt: skip
-        y, w = _linear.sequence(spec, rule, W0[0], kk, tt, qq, ee, aa, chunk, read)
-        W = [w.to(dt)]
         if y is not None:
             ys.append(y)
     for c0 in range(start, T, chunk):

@@ -228,12 +228,11 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
             head_gate(beta) if mom else None, chunk, _fused.precision(k.device.type),
         )  # fmt: skip
     elif _linear.applies(spec, objective, rule, read, n, k.device):
-        _, W0, _, kk, tt, qq, ee, aa, _ = _chunk._prepare(
-            weights0, None, head(k), head(target), head(q) if q is not None else None,
-            head_gate(eta), head_gate(alpha) if alpha is not None else None, None, rule,
+        y, W = _linear.run(
+            spec, rule, weights0, head(k), head(target), head(q) if q is not None else None,
+            head_gate(eta), head_gate(alpha) if alpha is not None else None, chunk, read,
         )  # fmt: skip
-        y, w = _linear.sequence(spec, rule, W0[0], kk, tt, qq, ee, aa, chunk, read)
-        W, S = [w.to(dt)], None
+        S = None
     else:
         return None
     if full == T:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["applies", "sequence"]
+__all__ = ["applies", "run", "sequence"]
 
 
 def applies(spec, objective: str, rule, read: str, n_chunks: int, device) -> bool:
@@ -147,3 +147,15 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
             z = z + hA @ w_free
         y = qeff @ Ws.mT + z
     return y.flatten(-3, -2), W
+
+
+def run(spec, rule, weights0, k: Tensor, target: Tensor, q: Tensor | None, eta, alpha, C: int,
+        read: str) -> tuple[Tensor | None, list[Tensor]]:
+    """:func:`sequence` on the caller's tensors: ``weights0`` (one weight), keys, targets, queries
+    and gates of the full chunks as ``chunk_step`` takes them, cast to the compute dtype
+    (``chunk._prepare``). Returns ``(y or None, [W at the end])`` in that dtype."""
+    from .chunk import _prepare
+
+    dt, W0, _, k, target, q, eta, alpha, _ = _prepare(weights0, None, k, target, q, eta, alpha, None, rule)
+    y, w = sequence(spec, rule, W0[0], k, target, q, eta, alpha, C, read)
+    return y, [w.to(dt)]
