@@ -823,7 +823,7 @@ def run_bench(
         if use_compile and compile_scope == "regional":
             import torch._dynamo
 
-            from .runtime.regional import compile_regions
+            from .runtime.regional import compile_regions, region_failures
 
             breaks0 = _counter_total("graph_break")
             regions = compile_regions(model)
@@ -847,8 +847,7 @@ def run_bench(
                     raise
                 raise BenchError(f"regional compile failed: {_short(e)} (try --compile-scope full)") from None
             first_s = time.perf_counter() - t0
-            failed = [m._nlc_region.failed for m in model.modules()
-                      if m.__dict__.get("_nlc_region") is not None and m._nlc_region.failed]  # fmt: skip
+            failed = region_failures(model)
             comp["fullgraph_ok"] = not failed
             if failed:  # a level's forward region did not compile: it ran eagerly around its chunk step
                 comp["fullgraph_error"] = failed[0]

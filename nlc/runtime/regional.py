@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from .chunks import record_paths
 
-__all__ = ["compile_regions", "forward_of", "has_in_context", "in_context_levels"]
+__all__ = ["compile_regions", "forward_of", "has_in_context", "in_context_levels", "region_failures"]
 
 # each chunk step compiles once per distinct call (first chunk / later chunks / partial chunk,
 # training / evaluation, batch size, ...): more than dynamo's default of 8 recompiles per code
@@ -120,6 +120,13 @@ def forward_of(level: nn.Module):
     :func:`compile_regions` installed one, else the class's own ``forward`` (bound)."""
     region = level.__dict__.get("_nlc_region")
     return region if region is not None else type(level).forward.__get__(level)
+
+
+def region_failures(model: nn.Module) -> list[str]:
+    """Why each whole-forward region of ``model`` that failed to compile did (its level then runs
+    eagerly around its compiled chunk step); empty when none failed."""
+    return [m._nlc_region.failed for m in model.modules()
+            if m.__dict__.get("_nlc_region") is not None and m._nlc_region.failed]  # fmt: skip
 
 
 def compile_regions(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> list[str]:
