@@ -24,10 +24,11 @@ matrix where ``2 C >= in`` and applies its factors otherwise (``C`` much smaller
 ``2 C in^2`` per chunk instead of ``in^3``).
 
 :func:`sequence` computes ``P, w_free, Qeff, z_free, M, F`` for all chunks at once (batched
-products and one batched triangular solve over ``[..., n, C, C]``), then runs the only sequential
-part, ``W_{c+1} = W_c M_c + F_c`` (in float32 with autocast off, so the state is never rounded
-to bf16), and reads every chunk with one batched product. The
-values are ``chunk_step``'s chunk after chunk, up to rounding (tested against the per-token
+products; each chunk's ``(I + K)^{-1}`` from one batched triangular solve against the identity,
+:func:`solve_unit_lower`), then runs the only sequential part, ``W_{c+1} = W_c M_c + F_c`` (in
+float32 with autocast off, so the state is never rounded to bf16; ``_StateRecurrence``, whose
+backward runs only the state's gradient chunk after chunk), and reads every chunk with one
+batched product. The values are ``chunk_step``'s chunk after chunk, up to rounding (tested against the per-token
 reference in float64, values and gradients). ``gd`` is the case ``P = 0``; a chunk read
 (``read="chunk"``) is ``Qeff = q, z_free = 0``.
 """
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["applies", "run", "sequence"]
+__all__ = ["applies", "run", "sequence", "solve_unit_lower"]
 
 
 def applies(spec, objective: str, rule, read: str, n_chunks: int, device) -> bool:
@@ -49,7 +50,7 @@ def applies(spec, objective: str, rule, read: str, n_chunks: int, device) -> boo
 
     ``NLC_LINEAR_CHUNKS``: ``auto`` (default) on CUDA only, ``1`` on any device, ``0`` never. On a
     GPU the chunk loop is launch-bound and this form wins (the delta-rule op at B 8, T 2048, H 16,
-    D 128, period 64: 1.13M tokens/s against 96k on an H200); on a CPU, compute-bound, it did the
+    D 128, period 64, compiled: 2.11M tokens/s against 96k eager chunk by chunk on an H200); on a CPU, compute-bound, it did the
     same work slower (0.77-0.90x the loop, ``benchmarks/cpu_delta.py``)."""
     mode = os.environ.get("NLC_LINEAR_CHUNKS", "auto")
     on = mode == "1" or (mode != "0" and torch.device(device).type == "cuda")
@@ -62,6 +63,99 @@ def applies(spec, objective: str, rule, read: str, n_chunks: int, device) -> boo
         and read in ("chunk", "causal")
         and n_chunks >= 2
     )
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """``(I + K)^{-1}`` of a strictly lower triangular ``K`` ``[..., C, C]``: one batched triangular
+    solve against the identity forward; backward ``dK = -tril(X^T dX X^T, -1)`` (two products, no
+    second solve)."""
+
+    @staticmethod
+    def forward(K: Tensor) -> Tensor:
+        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand(K.shape)
+        return torch.linalg.solve_triangular(K, eye, upper=False, unitriangular=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, dX: Tensor) -> Tensor:
+        (X,) = ctx.saved_tensors
+        return -(X.mT @ dX @ X.mT).tril(-1)
+
+
+def solve_unit_lower(K: Tensor, rhs: Tensor) -> Tensor:
+    """``(I + K)^{-1} rhs`` for a strictly lower triangular ``K`` ``[..., C, C]``, ``rhs`` ``[..., C, m]``,
+    in float32 or wider with autocast off.
+
+    The inverse comes from one batched triangular solve with ``C`` right-hand sides (not ``m``: the
+    solve is the slow part on a GPU, a product is not), then one product applies it."""
+    dt = torch.promote_types(K.dtype, torch.float32)
+    with torch.autocast(K.device.type, enabled=False):
+        inv = _UnitLowerInverse.apply(K.to(dt))
+        return (inv @ rhs.to(dt)).to(rhs.dtype)
+
+
+class _StateRecurrence(torch.autograd.Function):
+    """The chunk-to-chunk recurrence ``W_{c+1} = g_c W_c + (W_c L_c) R_c + F_c`` for ``c < n``.
+
+    Inputs (one batch shape ``...`` for all): ``W0`` ``[..., out, in]``; ``g`` ``[..., n]`` or
+    ``None`` (no ``g_c W_c`` term); ``L`` ``[..., n, in, r]`` or ``None`` (no product term);
+    ``R`` ``[..., n, r, in]`` or ``None`` (then ``r = in`` and the term is ``W_c L_c``); ``F``
+    ``[..., n, out, in]``. Returns the chunk-start states ``[..., n, out, in]`` (``W_0 ... W_{n-1}``)
+    and ``W_n``.
+
+    Only the state's gradient runs chunk after chunk backward (one product per chunk, or two in
+    factors); the gradients of ``g, L, R, F`` come from it afterwards in batched products. Autograd
+    through the loop itself would instead scatter each chunk's gradient into a full-size tensor."""
+
+    @staticmethod
+    def forward(W0: Tensor, g: Tensor | None, L: Tensor | None, R: Tensor | None, F_: Tensor):
+        W = W0
+        starts = []
+        for c in range(F_.shape[-3]):
+            starts.append(W)
+            nxt = F_[..., c, :, :]
+            if L is not None:
+                WL = W @ L[..., c, :, :]
+                nxt = nxt + (WL @ R[..., c, :, :] if R is not None else WL)
+            if g is not None:
+                nxt = nxt + g[..., c, None, None] * W
+            W = nxt
+        return torch.stack(starts, dim=-3), W
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, g, L, R, _ = inputs
+        ctx.save_for_backward(output[0], g, L, R)
+
+    @staticmethod
+    def backward(ctx, dWs: Tensor | None, dWn: Tensor | None):
+        Ws, g, L, R = ctx.saved_tensors
+        n = Ws.shape[-3]
+        G = dWn if dWn is not None else torch.zeros_like(Ws[..., 0, :, :])
+        nexts = [None] * n  # dL/dW_{c+1}, all of it, for every c
+        for c in range(n - 1, -1, -1):
+            nexts[c] = G
+            back = torch.zeros_like(G) if L is None and g is None else None
+            if L is not None:
+                GR = G @ R[..., c, :, :].mT if R is not None else G
+                back = GR @ L[..., c, :, :].mT
+            if g is not None:
+                gG = g[..., c, None, None] * G
+                back = gG if back is None else back + gG
+            G = back if dWs is None else back + dWs[..., c, :, :]
+        Gn = torch.stack(nexts, dim=-3)
+        dg = (Ws * Gn).sum((-2, -1)) if g is not None and ctx.needs_input_grad[1] else None
+        dL = dR = None
+        if L is not None:
+            if R is None:
+                dL = Ws.mT @ Gn
+            else:
+                dL = Ws.mT @ (Gn @ R.mT)
+                dR = (Ws @ L).mT @ Gn
+        return G, dg, dL, dR, Gn
 
 
 def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None, eta: Tensor,
@@ -96,8 +190,7 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
         geta_prev = F.pad(geta[..., :-1, :], (0, 0, 1, 0))
         K = eta[..., :, None] * co.A_prev * (a @ a.mT)
         rhs = torch.cat([(-eta * co.gam_prev)[..., None] * a, eta[..., None] * apply(geta_prev, a)], dim=-1)
-        rhs = rhs.to(K.dtype)
-        X = torch.linalg.solve_triangular(K, rhs, upper=False, unitriangular=True)
+        X = solve_unit_lower(K, rhs.to(K.dtype))
         P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
     # the chunk's end state, affine in its start state: W_end = W_0 M + F with
     # M = gamma_end I + U^T a, U = A_end * P (rank C): formed as an [in, in] matrix when that is
@@ -116,25 +209,20 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
     # the sequential part, in float32 without autocast (the state is never rounded to bf16)
     f32 = torch.promote_types(dt, torch.float32)
     with torch.autocast(k.device.type, enabled=False):
-        Fc, gam_end = Fc.to(f32), gam_end.to(f32)
+        batch = torch.broadcast_shapes(W0.shape[:-2], Fc.shape[:-3])
+        W = torch.broadcast_to(W0.to(f32), (*batch, *W0.shape[-2:]))
+        Fc = torch.broadcast_to(Fc.to(f32), (*batch, *Fc.shape[-3:]))
+        g = L = R = None
         if dense:
-            M = M.to(f32)
-        elif dgd:
-            U, af = U.to(f32), a.to(f32)
-        W = W0.to(f32)
-        starts = []
-        for c in range(n):
-            starts.append(W)
-            if dense:
-                W = W @ M[..., c, :, :] + Fc[..., c, :, :]
-            elif dgd:
-                W = gam_end[..., c, None, None] * W + (W @ U[..., c, :, :].mT) @ af[..., c, :, :] + Fc[..., c, :, :]
-            else:
-                W = gam_end[..., c, None, None] * W + Fc[..., c, :, :]
+            L = torch.broadcast_to(M.to(f32), (*batch, *M.shape[-3:]))
+        else:
+            g = torch.broadcast_to(gam_end.to(f32), (*batch, n))
+            if dgd:  # gamma W + (W U^T) a
+                L = torch.broadcast_to(U.to(f32).mT, (*batch, n, din, C))
+                R = torch.broadcast_to(a.to(f32), (*batch, n, C, din))
+        Ws, W = _StateRecurrence.apply(W, g, L, R, Fc)
         if q is None:
             return None, W
-        batch = torch.broadcast_shapes(starts[0].shape[:-2], starts[-1].shape[:-2])
-        Ws = torch.stack([torch.broadcast_to(s, (*batch, *s.shape[-2:])) for s in starts], dim=-3)
     h = q.unflatten(-2, (n, C))
     if read == "chunk":
         y = h @ Ws.mT

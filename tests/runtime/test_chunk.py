@@ -1069,6 +1069,26 @@ def test_linear_chunks_at_once_match_reference(monkeypatch, rule, gates, read, c
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 33, 64])
+def test_solve_unit_lower_matches_the_triangular_solve(C):
+    """``linear_chunks.solve_unit_lower`` (the inverse by a solve against the identity, its own
+    backward) gives ``torch.linalg.solve_triangular``'s values and gradients (float64)."""
+    from nlc.runtime.linear_chunks import solve_unit_lower
+
+    g = torch.Generator().manual_seed(C)
+    K0 = (0.3 * torch.randn(2, 3, C, C, generator=g, dtype=F64)).tril(-1).requires_grad_()
+    R0 = torch.randn(2, 3, C, 7, generator=g, dtype=F64).requires_grad_()
+    w = torch.randn(2, 3, C, 7, generator=g, dtype=F64)
+    X = solve_unit_lower(K0, R0)
+    got = (X, *torch.autograd.grad((X * w).sum(), (K0, R0)))
+    Xr = torch.linalg.solve_triangular(K0, R0, upper=False, unitriangular=True)
+    want = (Xr, *torch.autograd.grad((Xr * w).sum(), (K0, R0)))
+    for i, (a, b) in enumerate(zip(got, want)):
+        if i == 1:  # the solve reads only the strictly lower part of K
+            a, b = a.tril(-1), b.tril(-1)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_linear_chunks_decline(monkeypatch):
     from nlc.runtime import linear_chunks
 
