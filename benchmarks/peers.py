@@ -996,7 +996,10 @@ def _delta_inputs(run: Run, B: int, T: int, H: int, D: int, layout: str, gated: 
 
 
 def nlc_delta_op(run: Run, B, T, H, D, gated: bool, variant: str, C: int = 64, fwd_only: bool = False) -> Candidate:
-    """nlc's delta rule as its runtime computes it: linear memory, dgd on dot, causal read, period C."""
+    """nlc's delta rule as its runtime computes it: linear memory, dgd on dot, causal read, period C.
+
+    ``variant``: eager, compiled (``fullgraph=True``) or compiled+graphs (``mode="reduce-overhead"``:
+    the compiled op's kernels replayed from CUDA graphs; fwd+bwd only)."""
     from nlc.runtime import chunk as nl_chunk
     from nlc.runtime import memories as nl_mem
 
@@ -1010,7 +1013,11 @@ def nlc_delta_op(run: Run, B, T, H, D, gated: bool, variant: str, C: int = 64, f
         y, _, _ = nl_chunk.scan(spec, "dot", rule, [W0], None, k, v, q, beta, alpha, None, chunk=C, read="causal")
         return y
 
-    fn = torch.compile(op, fullgraph=True) if variant == "compiled" else op
+    graphs = variant == "compiled+graphs"  # the compiled op replayed from CUDA graphs
+    if variant.startswith("compiled"):
+        fn = torch.compile(op, fullgraph=True, mode="reduce-overhead" if graphs else None)
+    else:
+        fn = op
     inputs = [t for t in (q, k, v, beta, logdecay) if t is not None]
 
     if fwd_only:
@@ -1021,6 +1028,8 @@ def nlc_delta_op(run: Run, B, T, H, D, gated: bool, variant: str, C: int = 64, f
     else:
 
         def step():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with run.autocast():
                 y = fn(q, k, v, beta, logdecay)
             y.float().square().mean().backward()
@@ -1041,6 +1050,13 @@ def nlc_delta_op(run: Run, B, T, H, D, gated: bool, variant: str, C: int = 64, f
         resident=lambda: tensor_bytes(inputs, W0),
         meta={"op": f"nlc.runtime.chunk.scan (linear, dgd, dot, causal, period {C}{', decay' if gated else ''})"},
     )
+
+
+def delta_graphs(run: Run, B, T, H, D, gated: bool, skip_reason: str | None) -> dict:
+    """The extra ``compiled+graphs`` variant of nlc's delta op, where graphs and compile are on."""
+    if not (run.graphs and run.compile) or skip_reason:
+        return {}
+    return {"compiled+graphs": lambda: nlc_delta_op(run, B, T, H, D, gated, "compiled+graphs")}
 
 
 def fla_delta_op(run: Run, B, T, H, D, gated: bool, fwd_only: bool = False) -> Candidate:
@@ -1228,6 +1244,7 @@ def section_delta(run: Run) -> None:
                 lambda: nlc_delta_op(run, B, T, H, D, gated, "eager"),
                 lambda: nlc_delta_op(run, B, T, H, D, gated, "compiled"),
                 skip_compile_reason=reason,
+                extra=delta_graphs(run, B, T, H, D, gated, reason),
             )
             if fwd_only:  # fla could only run forward: compare forward passes too, in nlc's faster variant
                 compiled = any(c.impl == "nlc" and c.variant == "compiled" for c in cands)
@@ -1295,6 +1312,7 @@ def section_delta(run: Run) -> None:
                 lambda: nlc_delta_op(run, Bx, Tx, H, D, False, "eager"),
                 lambda: nlc_delta_op(run, Bx, Tx, H, D, False, "compiled"),
                 skip_compile_reason=compile_skip_reason(run, n),
+                extra=delta_graphs(run, Bx, Tx, H, D, False, compile_skip_reason(run, n)),
             )
         if fla_ok:
             try:
@@ -1641,8 +1659,15 @@ def mac_candidate(run: Run, tp, B: int, T: int, variant: str, tiny: bool) -> Can
     """titans-pytorch's MemoryAsContextTransformer with train_mac.py's settings (enwik8, char level).
 
     With the accelerated scan and flex attention on CUDA (as train_mac.py); if the accelerated
-    scan fails here, with the plain scan (noted).
+    scan fails here, with the plain scan (noted). ``--titans-scan plain`` skips the accelerated
+    scan's probe: a failed probe can leave the CUDA context unusable (an illegal memory access is
+    sticky), which ended this section in two runs on the H200; ``accelerated`` allows no fallback.
     """
+    scan = run.args.titans_scan
+    if run.cuda and scan != "auto":
+        c = _mac_candidate(run, tp, B, T, variant, tiny, accelerated=scan == "accelerated")
+        c.notes.append(f"{scan} scan (--titans-scan {scan})")
+        return c
     if run.cuda:
         try:
             c = _mac_candidate(run, tp, B, T, variant, tiny, accelerated=True)
@@ -1775,7 +1800,7 @@ def section_mac(run: Run) -> None:
             case,
             "titans-pytorch MAC",
             lambda: mac_candidate(run, tp, B, T, "eager", run.tiny),
-            lambda: mac_candidate(run, tp, B, T, "compiled", run.tiny),
+            None if run.args.skip_peer_compile else (lambda: mac_candidate(run, tp, B, T, "compiled", run.tiny)),
         )
     except FAILURES as e:  # noqa: BLE001
         run.record(sec, case, "titans-pytorch MAC", "-", "skipped", reason=short_error(e))
@@ -1946,14 +1971,15 @@ def parse_args(argv=None):
         "--titans-scan",
         choices=("auto", "accelerated", "plain"),
         default="auto",
-        help="titans-pytorch's scan on CUDA: auto (its accelerated Triton scan, the plain one if that raises; "
-        "the plain one at period 64, where the accelerated one hit a CUDA error on its own on the H200: "
-        "benchmarks/order_diag.py), accelerated, or plain",
+        help="titans-pytorch's scan on CUDA (titans and mac sections): auto (its accelerated Triton scan, the "
+        "plain one if that raises; the plain one at period 64, where the accelerated one hit a CUDA error on "
+        "its own on the H200: benchmarks/order_diag.py), accelerated, or plain",
     )
     p.add_argument(
         "--skip-peer-compile",
         action="store_true",
-        help="do not try torch.compile on titans-pytorch (its compile fails on torch 2.11: the issue's figures)",
+        help="do not try torch.compile on titans-pytorch, its NeuralMemory or its MAC (its compile fails on "
+        "torch 2.11: the issue's figures)",
     )
     p.add_argument(
         "--max-unroll",

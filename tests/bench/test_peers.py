@@ -127,3 +127,41 @@ def test_every_section_runs_on_cpu(tmp_path):
         assert rows(doc, section=section, impl="nlc", status="ok") or rows(
             doc, section=section, impl="nlc cms level", status="ok"
         ), section
+
+
+@pytest.mark.parametrize("scan,probe_fails,want", [
+    ("plain", False, [False]),  # no probe of the accelerated scan at all
+    ("accelerated", False, [True]),
+    ("auto", False, [True]),
+    ("auto", True, [True, False]),  # the probe raised: the plain scan, noted
+])
+def test_mac_peer_follows_titans_scan(monkeypatch, scan, probe_fails, want):
+    """The MAC section builds titans-pytorch's MAC with the scan ``--titans-scan`` names; only
+    ``auto`` probes the accelerated one (whose failure can leave the CUDA context unusable)."""
+    import types
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    built = []
+
+    def fake(run, tp, B, T, variant, tiny, accelerated):
+        built.append(accelerated)
+        c = peers.Candidate("titans-pytorch MAC", variant, lambda: None, B * T)
+
+        def probe():
+            if probe_fails:
+                raise RuntimeError("planted scan failure")
+
+        c.probe = probe
+        return c
+
+    monkeypatch.setattr(peers, "_mac_candidate", fake)
+    monkeypatch.setattr(peers, "free_memory", lambda: None)
+    run = types.SimpleNamespace(cuda=True, args=types.SimpleNamespace(titans_scan=scan))
+    c = peers.mac_candidate(run, None, 2, 8, "eager", True)
+    assert built == want
+    if scan != "auto":
+        assert f"--titans-scan {scan}" in c.notes[0]
+    elif probe_fails:
+        assert "planted scan failure" in c.notes[0]
