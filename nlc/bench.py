@@ -64,11 +64,12 @@ __all__ = [
     "step_stats",
 ]
 
-#: Dense (no sparsity) tensor-core peaks of an H100 SXM in TFLOP/s, by the dtype of the run.
+#: Dense (no sparsity) tensor-core peaks of an H100 SXM in TFLOP/s, by the dtype of the run; an
+#: H200 has the same (the same chip and clocks, with more and faster memory).
 #: ``fp32`` runs use TF32 tensor cores (``torch.set_float32_matmul_precision("high")``, as the
 #: generated train.py does), so their peak is TF32's.
 PEAK_TFLOPS = {"bf16": 989.4, "fp32": 494.7}
-PEAK_NOTE = "H100 SXM dense peak (bf16 989.4, TF32 494.7 TFLOP/s)"
+PEAK_NOTE = "H100/H200 SXM dense peak (bf16 989.4, TF32 494.7 TFLOP/s)"
 
 
 class BenchError(Exception):
