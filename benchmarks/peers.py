@@ -49,7 +49,9 @@ import os
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -1997,6 +1999,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--reserve", type=float, default=20.0, help="seconds kept for the closing ceilings (default 20)")
     p.add_argument("--out", default=None, help="folder for peers.json and peers.md (default $OUT when set)")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each section in its own process (this one measures the ceilings and merges the rows): a "
+        "peer that leaves the CUDA context unusable then ends only its own section. Off by default: the "
+        "sections then share one process",
+    )
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one section for --isolate
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     secs = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -2007,8 +2017,82 @@ def parse_args(argv=None):
     return args
 
 
+# ---- sections in their own processes (--isolate) -------------------------------------------------
+
+# options the parent sets itself for each child (each takes a value, but --isolate)
+_PARENT_ONLY = {"--sections": True, "--out": True, "--time-budget": True, "--isolate": False}
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The parent's arguments for a child, less those it sets per section (``_PARENT_ONLY``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _PARENT_ONLY:
+            skip = _PARENT_ONLY[name] and "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def merge_child(run: Run, section: str, doc_path: Path, status) -> None:
+    """Add the rows a section's process saved (``peers.json`` is written after every row, so a
+    process that died keeps what it recorded) and, if it did not end cleanly, an error row."""
+    rows = []
+    if doc_path.exists():
+        try:
+            rows = json.loads(doc_path.read_text())["rows"]
+        except (ValueError, KeyError) as e:
+            run.record(section, "-", "-", "-", "error", reason=f"unreadable {doc_path.name} of the section: {e}")
+    for r in rows:
+        run.rows.append({**r, "process": "own"})
+    if status != 0:
+        run.record(
+            section,
+            "-",
+            "-",
+            "-",
+            "error",
+            reason=f"the section's process ended with status {status} after {len(rows)} rows (kept above)",
+        )
+    run.save()
+
+
+def run_isolated(run: Run, args) -> None:
+    base = child_argv(args.argv)
+    script = str(Path(__file__).resolve())
+    for name in args.sections:
+        left = run.remaining()
+        if left <= args.reserve:
+            run.record(name, "-", "-", "-", "skipped", reason=f"time budget: {left:.0f} s left")
+            continue
+        run.log(f"== section {name} (its own process)")
+        with tempfile.TemporaryDirectory(prefix=f"peers_{name}_") as tmp:
+            cmd = [sys.executable, script, *base, "--sections", name, "--out", tmp, "--child"]
+            if args.time_budget:
+                cmd += ["--time-budget", f"{left - args.reserve:.0f}", "--reserve", "0"]
+            try:
+                status = subprocess.run(cmd, check=False, timeout=None if not args.time_budget else left + 30).returncode
+            except subprocess.TimeoutExpired:
+                status = "timeout"
+            merge_child(run, name, Path(tmp) / "peers.json", status)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.child:  # one section of an --isolate run: rows only (the parent measures the ceilings)
+        run = Run(args)
+        for name in args.sections:
+            try:
+                SECTION_FUNCS[name](run)
+            except FAILURES as e:
+                run.record(name, "-", "-", "-", "error", reason=short_error(e, 800),
+                           trace=traceback.format_exc(limit=6)[-2000:])
+        run.save()
+        return 0
     torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs: a new size recompiles, never goes dynamic
     with bench.fresh_compile_cache():
         run = Run(args)
@@ -2020,7 +2104,8 @@ def main(argv=None) -> int:
         run.ceilings["start"] = bench.measure_ceilings(run.device, run.dtype)
         run.log(f"ceilings: {run.ceilings['start']}")
         run.save()
-        for name in args.sections:
+        free_memory()
+        for name in [] if args.isolate else args.sections:
             run.log(f"== section {name}")
             try:
                 SECTION_FUNCS[name](run)
@@ -2036,6 +2121,8 @@ def main(argv=None) -> int:
                 )
             torch._dynamo.reset()
             free_memory()
+        if args.isolate:
+            run_isolated(run, args)
         run.ceilings["end"] = bench.measure_ceilings(run.device, run.dtype)
         run.log(f"ceilings at the end: {run.ceilings['end']}")
         run.save()

@@ -165,3 +165,46 @@ def test_mac_peer_follows_titans_scan(monkeypatch, scan, probe_fails, want):
         assert f"--titans-scan {scan}" in c.notes[0]
     elif probe_fails:
         assert "planted scan failure" in c.notes[0]
+
+
+def test_isolated_sections_run_in_their_own_processes(tmp_path):
+    """``--isolate``: each section runs in a child process; the parent measures the ceilings and
+    merges the children's rows (tagged ``process: own``)."""
+    doc, out, _ = run_peers(tmp_path, "--sections", "transformer,mac", "--isolate", "--steps", "2",
+                            "--warmup", "1", timeout=240)  # fmt: skip
+    assert set(doc["ceilings"]) == {"start", "end"}
+    for section in ("transformer", "mac"):
+        mine = rows(doc, section=section)
+        assert mine and all(r["process"] == "own" for r in mine), section
+        assert rows(doc, section=section, impl="nlc", status="ok"), section
+    assert not rows(doc, status="error")
+    assert "(its own process)" in out
+
+
+def test_a_section_process_that_dies_keeps_its_rows(tmp_path, monkeypatch):
+    """A child that ended badly (a CUDA error kills the process): the rows it saved are kept and
+    an error row says how it ended."""
+    import types
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    saved = {"rows": [{"section": "mac", "case": "c", "impl": "nlc", "variant": "eager", "status": "ok"}]}
+    (tmp_path / "peers.json").write_text(json.dumps(saved))
+    run = types.SimpleNamespace(rows=[], save=lambda: None)
+    run.record = lambda *a, **f: run.rows.append(dict(zip(("section", "case", "impl", "variant", "status"), a), **f))
+    peers.merge_child(run, "mac", tmp_path / "peers.json", -6)
+    assert run.rows[0] == {**saved["rows"][0], "process": "own"}
+    assert run.rows[1]["status"] == "error" and "status -6 after 1 rows" in run.rows[1]["reason"]
+    run.rows.clear()
+    peers.merge_child(run, "cms", tmp_path / "missing.json", "timeout")  # nothing saved at all
+    assert len(run.rows) == 1 and "status timeout after 0 rows" in run.rows[0]["reason"]
+
+
+def test_child_arguments_drop_what_the_parent_sets(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    argv = ["--sections", "mac,cms", "--isolate", "--out=/x", "--time-budget", "500", "--case", "T=4096",
+            "--titans-scan", "plain", "--quick"]  # fmt: skip
+    assert peers.child_argv(argv) == ["--case", "T=4096", "--titans-scan", "plain", "--quick"]
