@@ -2083,7 +2083,8 @@ def run_isolated(run: Run, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:  # one section of an --isolate run: rows only (the parent measures the ceilings)
+    torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs: a new size recompiles, never goes dynamic
+    if args.child:  # one section of an --isolate run (the parent's compile cache): rows only, no ceilings
         run = Run(args)
         for name in args.sections:
             try:
@@ -2093,7 +2094,6 @@ def main(argv=None) -> int:
                            trace=traceback.format_exc(limit=6)[-2000:])
         run.save()
         return 0
-    torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs: a new size recompiles, never goes dynamic
     with bench.fresh_compile_cache():
         run = Run(args)
         run.log(
