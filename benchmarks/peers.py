@@ -2081,17 +2081,32 @@ def run_isolated(run: Run, args) -> None:
             merge_child(run, name, Path(tmp) / "peers.json", status)
 
 
+def run_sections(run: Run, names: list[str]) -> None:
+    """Run sections in this process; one that raises is recorded as an error, never ends the run."""
+    for name in names:
+        run.log(f"== section {name}")
+        try:
+            SECTION_FUNCS[name](run)
+        except FAILURES as e:  # noqa: BLE001 - one section never kills the run
+            run.record(
+                name,
+                "-",
+                "-",
+                "-",
+                "error",
+                reason=short_error(e, 800),
+                trace=traceback.format_exc(limit=6)[-2000:],
+            )
+        torch._dynamo.reset()
+        free_memory()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs: a new size recompiles, never goes dynamic
     if args.child:  # one section of an --isolate run (the parent's compile cache): rows only, no ceilings
         run = Run(args)
-        for name in args.sections:
-            try:
-                SECTION_FUNCS[name](run)
-            except FAILURES as e:
-                run.record(name, "-", "-", "-", "error", reason=short_error(e, 800),
-                           trace=traceback.format_exc(limit=6)[-2000:])
+        run_sections(run, args.sections)
         run.save()
         return 0
     with bench.fresh_compile_cache():
@@ -2105,24 +2120,10 @@ def main(argv=None) -> int:
         run.log(f"ceilings: {run.ceilings['start']}")
         run.save()
         free_memory()
-        for name in [] if args.isolate else args.sections:
-            run.log(f"== section {name}")
-            try:
-                SECTION_FUNCS[name](run)
-            except FAILURES as e:  # noqa: BLE001 - one section never kills the run
-                run.record(
-                    name,
-                    "-",
-                    "-",
-                    "-",
-                    "error",
-                    reason=short_error(e, 800),
-                    trace=traceback.format_exc(limit=6)[-2000:],
-                )
-            torch._dynamo.reset()
-            free_memory()
         if args.isolate:
             run_isolated(run, args)
+        else:
+            run_sections(run, args.sections)
         run.ceilings["end"] = bench.measure_ceilings(run.device, run.dtype)
         run.log(f"ceilings at the end: {run.ceilings['end']}")
         run.save()
