@@ -8,10 +8,7 @@ level compiled, chunks through torch's scan / unrolled; ``unrolled_cg`` adds ind
 graphs); ``regional`` (nlc.runtime.regional: the chunk step compiled, the loop eager); ``graphs``
 / ``regional_graphs`` (the eager / regional level captured by torch.cuda.make_graphed_callables).
 A mode ending in ``-eagerfwd`` (``regional_graphs-eagerfwd``) is that mode without the regional
-whole-forward region (``NLC_WHOLE_FORWARD=0``: the level's forward eager around its op); one
-ending in ``-nochain`` runs the fused sequence op with a read and a write kernel per chunk
-forward and sums and weights backward (``NLC_FUSED_CHAIN=0``, ``nlc.runtime.fused.sequence``),
-for an A/B in one process; suffixes combine.
+whole-forward region (``NLC_WHOLE_FORWARD=0``: the level's forward eager around its op).
 ``NLC_FUSED=0`` turns off the fused MLP chunk kernels (``nlc.runtime.fused``); each result
 records which it ran.
 ``--profile`` prints where the CPU and the GPU spend a step.
@@ -73,7 +70,6 @@ def main():
     ap.add_argument("--profile-modes", default="regional", help="the modes --profile profiles")
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     args = ap.parse_args()
     cls = level(args.chunk, 512, 8, args.T)
     out = []
@@ -83,10 +79,8 @@ def main():
         x = torch.randn(args.B, args.T, 512, device="cuda", requires_grad=True)
         os.environ["NLC_CHUNK_SCAN"] = "0" if mode.startswith("unrolled") else "1"
         # "-eagerfwd": regional compile without the whole-forward region (NLC_WHOLE_FORWARD=0)
-        os.environ["NLC_WHOLE_FORWARD"] = "0" if "-eagerfwd" in mode else "1"
-        # "-nochain": the fused sequence op unchained (NLC_FUSED_CHAIN=0)
-        os.environ["NLC_FUSED_CHAIN"] = "0" if "-nochain" in mode else "1"
-        mode, label = mode.split("-")[0], mode
+        os.environ["NLC_WHOLE_FORWARD"] = "0" if mode.endswith("-eagerfwd") else "1"
+        mode, label = mode.removesuffix("-eagerfwd"), mode
         torch._dynamo.reset()
         if mode in ("eager", "graphs"):
             f = m
@@ -101,9 +95,8 @@ def main():
             if mode.endswith("graphs"):
                 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                     f = torch.cuda.make_graphed_callables(m, (x,), num_warmup_iters=3)
-            first, ms, step = time_level(f, x, args.steps)
+            first, ms, step = time_level(f, x)
             r = {"mode": label, "chunk": args.chunk, "fused": os.environ.get("NLC_FUSED", "1"),
-                 "chain": os.environ["NLC_FUSED_CHAIN"],
                  "first_s": round(first, 1), "step_ms": round(ms, 2),
                  "tokens_per_s": round(args.B * args.T / ms * 1e3)}
         except Exception as e:  # noqa: BLE001

@@ -116,62 +116,28 @@ if triton is not None:
         tl.store(E + tok, tl.where(m2, y - v, 0.0), mask=m2)
 
     @triton.jit
-    def _partial_read(x, w1, w2, ACT: tl.constexpr, PREC: tl.constexpr):
-        """One block of the hidden width's part of ``act(x W1^T) W2^T``: ``w1 [BH, D]`` the
-        block's rows of ``W1``, ``w2 [D, BH]`` its columns of ``W2``."""
-        h, _, _ = _act(_dot(x, tl.trans(w1), PREC), ACT)
-        return _dot(h, tl.trans(w2), PREC)
-
-    @triton.jit
     def _write_kernel(
         K, E, W1, W2, S1, S2, CW, CS, GAM, DD, BB, W1E, W2E, S1E, S2E,
-        V, Q, YQ, PY, PQ, KN, QN, PYN, PQN,
         C,
         HD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
         ACT: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr,
-        RES: tl.constexpr, SUM: tl.constexpr, NEXT: tl.constexpr,
     ):  # fmt: skip
         """Grid ``(N, hidden / BH)``: the chunk-end weights (and momentum) of one block of the
         hidden width: ``W1e = gam W1 + dd S1 - (cw*Dl)^T K``, ``W2e = gam W2 + dd S2 - (cw*E)^T H``,
         ``S1e = bb S1 - (cs*Dl)^T K``, ``S2e = bb S2 - (cs*E)^T H`` with ``H = act(K W1^T)`` and
-        ``Dl = (E W2) * act'(K W1^T)``.
-
-        ``SUM``: the error is not in ``E`` yet; it is the sum of the blocks' parts ``PY``
-        (``[N, hidden / BH, C, D]``, from the previous chunk's launch) ``(+ K) - V``, and the read
-        the sum of ``PQ`` ``(+ Q)``: every program sums them, block 0 stores ``E`` and ``YQ``.
-        ``NEXT``: also this block's parts of the next chunk's reads at the chunk-end weights, on
-        its keys ``KN`` and queries ``QN``, into ``PYN`` and ``PQN`` (a sequence then needs one
-        launch per chunk, not a read and a write)."""
+        ``Dl = (E W2) * act'(K W1^T)``."""
         n = tl.program_id(0)
-        jb = tl.program_id(1)
-        j = jb * BH
-        NJ: tl.constexpr = HD // BH
+        j = tl.program_id(1) * BH
         rc = tl.arange(0, BC)
         rd = tl.arange(0, D)
         rh = tl.arange(0, BH)
         mc = rc < C
         m2 = mc[:, None]
         tok = n * C * D + rc[:, None] * D + rd[None, :]
-        part = (n * NJ + jb) * C * D + rc[:, None] * D + rd[None, :]
         p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
         p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
         k = tl.load(K + tok, mask=m2, other=0.0)
-        if SUM:
-            y = tl.zeros([BC, D], dtype=tl.float32)
-            yq = tl.zeros([BC, D], dtype=tl.float32)
-            for i in range(NJ):
-                pi = (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :]
-                y += tl.load(PY + pi, mask=m2, other=0.0)
-                yq += tl.load(PQ + pi, mask=m2, other=0.0)
-            if RES:
-                y += k
-                yq += tl.load(Q + tok, mask=m2, other=0.0)
-            e = tl.where(m2, y - tl.load(V + tok, mask=m2, other=0.0), 0.0)
-            first = jb == 0
-            tl.store(E + tok, e, mask=m2 & first)
-            tl.store(YQ + tok, yq, mask=m2 & first)
-        else:
-            e = tl.load(E + tok, mask=m2, other=0.0)
+        e = tl.load(E + tok, mask=m2, other=0.0)
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
         gam = tl.load(GAM + n)
         w1 = tl.load(W1 + p1)
@@ -194,11 +160,6 @@ if triton is not None:
             tl.store(S2E + p2, s2e)
         tl.store(W1E + p1, w1e)
         tl.store(W2E + p2, w2e)
-        if NEXT:
-            kn = tl.load(KN + tok, mask=m2, other=0.0)
-            qn = tl.load(QN + tok, mask=m2, other=0.0)
-            tl.store(PYN + part, _partial_read(kn, w1e, w2e, ACT, PREC), mask=m2)
-            tl.store(PQN + part, _partial_read(qn, w1e, w2e, ACT, PREC), mask=m2)
 
     # The backward. G* are the incoming gradients of W1e, W2e, S1e, S2e, gYq that of Yq.
     # Through the writes: gDl = -(cw * K GW1^T + cs * K GS1^T), gH_w = -(cw * E GW2 + cs * E GS2),
@@ -209,31 +170,6 @@ if triton is not None:
     # gH = gH_w + gE W2, gW2_e = gE^T H, gK += gE (residual), gV = -gE. Through H = act(Z),
     # Z = K W1^T: gZ = gZ_dl + gH * act'(Z), gW1 = gZ^T K, gK += gZ W1. The read at W_0 adds
     # the plain MLP backward of gYq. And gW1 += gam GW1, gS1 = dd GW1 + bb GS1 (also for W2).
-
-    @triton.jit
-    def _sums_block(k, e, cw, cs, w1, w2, gw1, gw2, gs1, gs2, ACT: tl.constexpr, MOM: tl.constexpr,
-                    PREC: tl.constexpr):  # fmt: skip
-        """One block's parts ``(gE, gK_w, gcw, gcs)`` of the sums over the hidden width, from the
-        chunk's keys, errors and coefficients and the block's rows and columns of ``W1, W2`` and
-        of the incoming gradients ``GW1, GW2, GS1, GS2`` (the last two unused without ``MOM``)."""
-        h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
-        dl = _dot(e, w2, PREC) * d1
-        kg1 = _dot(k, tl.trans(gw1), PREC)
-        hg2 = _dot(h, tl.trans(gw2), PREC)
-        gdl = -cw[:, None] * kg1
-        gcw = -tl.sum(dl * kg1, axis=1) - tl.sum(e * hg2, axis=1)
-        gk = -_dot(dl * cw[:, None], gw1, PREC)
-        ge = -cw[:, None] * hg2
-        gcs = tl.zeros_like(gcw)
-        if MOM:
-            ks1 = _dot(k, tl.trans(gs1), PREC)
-            hs2 = _dot(h, tl.trans(gs2), PREC)
-            gdl -= cs[:, None] * ks1
-            gcs = -tl.sum(dl * ks1, axis=1) - tl.sum(e * hs2, axis=1)
-            gk -= _dot(dl * cs[:, None], gs1, PREC)
-            ge -= cs[:, None] * hs2
-        ge += _dot(gdl * d1, tl.trans(w2), PREC)
-        return ge, gk, gcw, gcs
 
     @triton.jit
     def _bwd_sums_kernel(
@@ -260,40 +196,46 @@ if triton is not None:
         k = tl.load(K + tok, mask=m2, other=0.0)
         e = tl.load(E + tok, mask=m2, other=0.0)
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
+        w1 = tl.load(W1 + p1)
+        w2 = tl.load(W2 + p2)
         gw1 = tl.load(GW1 + p1)
         gw2 = tl.load(GW2 + p2)
+        h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        dl = _dot(e, w2, PREC) * d1
+        kg1 = _dot(k, tl.trans(gw1), PREC)
+        hg2 = _dot(h, tl.trans(gw2), PREC)
+        gdl = -cw[:, None] * kg1
+        gcw = -tl.sum(dl * kg1, axis=1) - tl.sum(e * hg2, axis=1)
+        gk = -_dot(dl * cw[:, None], gw1, PREC)
+        ge = -cw[:, None] * hg2
         if MOM:
             cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
             gs1 = tl.load(GS1 + p1)
             gs2 = tl.load(GS2 + p2)
-        else:
-            cs, gs1, gs2 = cw, gw1, gw2  # unused
-        ge, gk, gcw, gcs = _sums_block(k, e, cw, cs, tl.load(W1 + p1), tl.load(W2 + p2), gw1, gw2,
-                                       gs1, gs2, ACT, MOM, PREC)  # fmt: skip
+            ks1 = _dot(k, tl.trans(gs1), PREC)
+            hs2 = _dot(h, tl.trans(gs2), PREC)
+            gdl -= cs[:, None] * ks1
+            gcs = -tl.sum(dl * ks1, axis=1) - tl.sum(e * hs2, axis=1)
+            gk -= _dot(dl * cs[:, None], gs1, PREC)
+            ge -= cs[:, None] * hs2
+            tl.store(GCS_P + (n * NJ + jb) * C + rc, gcs, mask=mc)
+        ge += _dot(gdl * d1, tl.trans(w2), PREC)
         tl.store(GE_P + part, tl.where(m2, ge, 0.0), mask=m2)
         tl.store(GK_P + part, gk, mask=m2)
         tl.store(GCW_P + (n * NJ + jb) * C + rc, gcw, mask=mc)
-        if MOM:
-            tl.store(GCS_P + (n * NJ + jb) * C + rc, gcs, mask=mc)
 
     @triton.jit
     def _bwd_weights_kernel(
         K, Q, E, GE_P, GYQ, W1, W2, GW1, GW2, GS1, GS2, S1, S2, CW, CS, GAM, DD, BB,
         DW1, DW2, DS1, DS2, GK_P, GQ_P, SC_P,
-        KP, EP, W1P, W2P, CWP, CSP, GE_PP, GK_PP, GCW_PP, GCS_PP,
         C,
         HD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
-        ACT: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr, PREV: tl.constexpr,
+        ACT: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
         """Grid ``(N, hidden / BH)``: one block's weight gradients (complete), its parts of
         ``gK`` (``gZ W1``) and ``gQ`` (the read's ``gZq W1``), and of the gradients of ``gam``,
         ``dd``, ``bb`` (``<GW, W>``, ``<GW, S>``, ``<GS, S>`` over the block), stored at
-        ``[n, block]``. ``gE`` is the sum of ``_bwd_sums_kernel``'s parts.
-
-        ``PREV``: also ``_bwd_sums_kernel``'s work for the previous chunk (keys ``KP``, errors
-        ``EP``, start weights ``W1P, W2P``, coefficients ``CWP, CSP``; parts into ``*_PP``), whose
-        incoming gradients are this block's ``DW1, DW2, DS1, DS2``, still in registers: a
-        sequence's backward then needs one launch per chunk on its critical path, not two."""
+        ``[n, block]``. ``gE`` is the sum of ``_bwd_sums_kernel``'s parts."""
         n = tl.program_id(0)
         jb = tl.program_id(1)
         j = jb * BH
@@ -335,10 +277,8 @@ if triton is not None:
             gs2 = tl.load(GS2 + p2)
             gdl -= cs[:, None] * _dot(k, tl.trans(gs1), PREC)
             gh -= cs[:, None] * _dot(e, gs2, PREC)
-            ds1 = dd * gw1 + bb * gs1
-            ds2 = dd * gw2 + bb * gs2
-            tl.store(DS1 + p1, ds1)
-            tl.store(DS2 + p2, ds2)
+            tl.store(DS1 + p1, dd * gw1 + bb * gs1)
+            tl.store(DS2 + p2, dd * gw2 + bb * gs2)
             s1 = tl.load(S1 + p1)
             s2 = tl.load(S2 + p2)
             tl.store(SC_P + sc + 1, tl.sum(tl.sum(gw1 * s1, 1), 0) + tl.sum(tl.sum(gw2 * s2, 1), 0))
@@ -362,23 +302,6 @@ if triton is not None:
         tl.store(DW2 + p2, dw2)
         tl.store(GK_P + part, gk, mask=m2)
         tl.store(GQ_P + part, _dot(gzq, w1, PREC), mask=m2)
-        if PREV:
-            kp = tl.load(KP + tok, mask=m2, other=0.0)
-            ep = tl.load(EP + tok, mask=m2, other=0.0)
-            cwp = tl.load(CWP + n * C + rc, mask=mc, other=0.0)
-            if MOM:
-                csp = tl.load(CSP + n * C + rc, mask=mc, other=0.0)
-                hs1, hs2 = ds1, ds2
-            else:
-                csp, hs1, hs2 = cwp, dw1, dw2  # unused
-            pge, pgk, pgcw, pgcs = _sums_block(kp, ep, cwp, csp, tl.load(W1P + p1),
-                                               tl.load(W2P + p2), dw1, dw2, hs1, hs2, ACT, MOM,
-                                               PREC)  # fmt: skip
-            tl.store(GE_PP + part, tl.where(m2, pge, 0.0), mask=m2)
-            tl.store(GK_PP + part, pgk, mask=m2)
-            tl.store(GCW_PP + (n * NJ + jb) * C + rc, pgcw, mask=mc)
-            if MOM:
-                tl.store(GCS_PP + (n * NJ + jb) * C + rc, pgcs, mask=mc)
 
     @triton.jit
     def _bwd_finish_kernel(
@@ -476,9 +399,7 @@ def mlp2_chunk(
         )  # fmt: skip
         _write_kernel[(N, HD // bh)](
             k, e, w1, w2, s1, s2, cw, cs, gam, dd, bb, w1e, w2e, s1e, s2e,
-            *(k,) * 9,  # the sequence's inputs (SUM, NEXT off): never read
-            C, HD, D, bc, bh, ACTS[act], momentum, prec, residual, False, False,
-            num_warps=WARPS["write"],
+            C, HD, D, bc, bh, ACTS[act], momentum, prec, num_warps=WARPS["write"],
         )  # fmt: skip
     if not momentum:
         s1e, s2e = k.new_empty(0), k.new_empty(0)
@@ -575,8 +496,7 @@ def mlp2_chunk_backward(
         _bwd_weights_kernel[(N, nj)](
             k, q, e, ge_p, gyq, w1, w2, gw1, gw2, gs1, gs2, s1, s2, cw, cs, gam, dd, bb,
             dw1, dw2, ds1, ds2, gk2_p, gq_p, sc_p,
-            *(k,) * 10,  # the previous chunk's (PREV off): never read
-            C, HD, D, bc, bh, a, momentum, prec, False, num_warps=WARPS["weights"],
+            C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["weights"],
         )  # fmt: skip
         _bwd_finish_kernel[(N,)](
             ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq, dk, dv, dq, dcw, dcs, dgam, ddd, dbb,

@@ -47,13 +47,6 @@ def _device(t: Tensor):
 _SIDE: dict = {}
 
 
-def chained() -> bool:
-    """Whether a sequence chains its chunks' kernels (one launch per chunk on the critical path
-    each way, ``NLC_FUSED_CHAIN=0``: the earlier read + write forward and sums + weights
-    backward, for comparisons)."""
-    return os.environ.get("NLC_FUSED_CHAIN", "1") != "0"
-
-
 def _side_stream(device) -> torch.cuda.Stream:
     """One side stream per device, made once (not while a CUDA graph is being captured)."""
     key = torch.device(device).index
@@ -112,29 +105,18 @@ def mlp2_sequence(
     else:
         s1s, s2s, s1e, s2e = w1s, w2s, w1e, w2e  # never read or written (MOM off)
         cs, dd, bb = cw, gam, gam
-    chain = chained()
-    nj = HD // bh
-    # the blocks' parts of a chunk's reads, written by the previous chunk's launch (chained)
-    py, pq = (k.new_empty(2, N, nj, C, D) if chain and n > 1 else k for _ in range(2))
     with _device(k):
         for c in range(n):
             last = c + 1 == n
             o1, o2 = (w1e, w2e) if last else (w1s[c + 1], w2s[c + 1])
             m1, m2 = (s1e, s2e) if last else (s1s[c + 1], s2s[c + 1])
-            summed = chain and c > 0  # E and the read: the sums of the parts
-            if not summed:
-                _k._read_kernel[(N,)](
-                    k[c], v[c], q[c], w1s[c], w2s[c], yq[c], e[c],
-                    C, HD, D, bc, br, a, residual, True, prec, num_warps=WARPS["read"],
-                )  # fmt: skip
-            nxt = chain and not last  # the next chunk's parts, from the chunk-end weights
-            cn = c + 1 if nxt else c
-            _k._write_kernel[(N, nj)](
+            _k._read_kernel[(N,)](
+                k[c], v[c], q[c], w1s[c], w2s[c], yq[c], e[c],
+                C, HD, D, bc, br, a, residual, True, prec, num_warps=WARPS["read"],
+            )  # fmt: skip
+            _k._write_kernel[(N, HD // bh)](
                 k[c], e[c], w1s[c], w2s[c], s1s[c], s2s[c], cw[c], cs[c], gam[c], dd[c], bb[c],
-                o1, o2, m1, m2,
-                v[c], q[c], yq[c], py[c % 2], pq[c % 2], k[cn], q[cn], py[cn % 2], pq[cn % 2],
-                C, HD, D, bc, bh, a, momentum, prec, residual, summed, nxt,
-                num_warps=WARPS["write"],
+                o1, o2, m1, m2, C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["write"],
             )  # fmt: skip
     if not momentum:
         s1e, s2e, s1s, s2s = (k.new_empty(0) for _ in range(4))
@@ -202,14 +184,11 @@ def mlp2_sequence_backward(
         s1s, s2s, cs, dd, bb = w1s, w2s, cw, gam, gam  # never read (MOM off)
         spair = pair  # never written (MOM off)
         gs1, gs2 = gw1, gw2
-    # the blocks' parts of the sums over the hidden width, one set per chunk in turn: two sets,
-    # or three chained (a launch writes its own chunk's set and the previous chunk's)
-    chain = chained()
-    nsets = 3 if chain else 2
+    # the blocks' parts of the sums over the hidden width: two sets, used by alternate chunks
     parts = [
         (*(k.new_empty(N, nj, C, D) for _ in range(4)), k.new_empty(N, nj, C),
          k.new_empty(N, nj, C), k.new_empty(N, nj, 3))
-        for _ in range(nsets)
+        for _ in range(2)
     ]  # fmt: skip
     dk, dv, dq = torch.empty_like(k), torch.empty_like(k), torch.empty_like(k)
     dcw, dgam = torch.empty_like(cw), torch.empty_like(gam)
@@ -223,39 +202,25 @@ def mlp2_sequence_backward(
     # the side stream is done with it.
     main = torch.cuda.current_stream(k.device) if k.is_cuda else None
     side = _side_stream(k.device) if k.is_cuda and os.environ.get("NLC_FUSED_SIDE", "1") != "0" else None
-    freed: list = [None] * nsets
+    freed: list = [None, None]
     g1, g2, h1, h2 = gw1, gw2, gs1, gs2
-
-    def sums(c, ps, g1, g2, h1, h2):
-        ge_p, gk_p, _, _, gcw_p, gcs_p, _ = ps
-        _k._bwd_sums_kernel[(N, nj)](
-            k[c], e[c], w1s[c], w2s[c], g1, g2, h1, h2, cw[c], cs[c], ge_p, gk_p, gcw_p, gcs_p,
-            C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["sums"],
-        )  # fmt: skip
-
     with _device(k):
         if side is not None:
             side.wait_stream(main)
-        if chain:  # the last chunk's sums; every other chunk's come with the next one's weights
-            sums(n - 1, parts[(n - 1) % 3], g1, g2, h1, h2)
         for step, c in enumerate(reversed(range(n))):
             o1, o2 = pair[step % 2]
             p1, p2 = spair[step % 2]
-            i = c % 3 if chain else step % 2  # this chunk's part set
-            prev = chain and c > 0
-            ip = (c - 1) % 3 if prev else i  # the previous chunk's (written here if prev)
-            if freed[ip] is not None:  # its last reader, a finish two chunks later, is done
-                main.wait_event(freed[ip])
-            ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p = parts[i]
-            if not chain:
-                sums(c, parts[i], g1, g2, h1, h2)
-            pge, pgk, _, _, pgcw, pgcs, _ = parts[ip]
-            cp = c - 1 if prev else c
+            ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p = parts[step % 2]
+            if freed[step % 2] is not None:
+                main.wait_event(freed[step % 2])
+            _k._bwd_sums_kernel[(N, nj)](
+                k[c], e[c], w1s[c], w2s[c], g1, g2, h1, h2, cw[c], cs[c], ge_p, gk_p, gcw_p, gcs_p,
+                C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["sums"],
+            )  # fmt: skip
             _k._bwd_weights_kernel[(N, nj)](
                 k[c], q[c], e[c], ge_p, gyq[c], w1s[c], w2s[c], g1, g2, h1, h2, s1s[c], s2s[c],
                 cw[c], cs[c], gam[c], dd[c], bb[c], o1, o2, p1, p2, gk2_p, gq_p, sc_p,
-                k[cp], e[cp], w1s[cp], w2s[cp], cw[cp], cs[cp], pge, pgk, pgcw, pgcs,
-                C, HD, D, bc, bh, a, momentum, prec, prev, num_warps=WARPS["weights"],
+                C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["weights"],
             )  # fmt: skip
             if side is not None:
                 side.wait_stream(main)
@@ -266,7 +231,7 @@ def mlp2_sequence_backward(
                     C, nj, D, bc, residual, momentum, num_warps=WARPS["read"],
                 )  # fmt: skip
             if side is not None:
-                freed[i] = side.record_event()
+                freed[step % 2] = side.record_event()
             g1, g2, h1, h2 = o1, o2, p1, p2
         if side is not None:
             main.wait_stream(side)
