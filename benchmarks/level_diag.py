@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--profile-modes", default="regional", help="the modes --profile profiles")
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     args = ap.parse_args()
     cls = level(args.chunk, 512, 8, args.T)
     out = []
@@ -95,7 +96,7 @@ def main():
             if mode.endswith("graphs"):
                 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                     f = torch.cuda.make_graphed_callables(m, (x,), num_warmup_iters=3)
-            first, ms, step = time_level(f, x)
+            first, ms, step = time_level(f, x, args.steps)
             r = {"mode": label, "chunk": args.chunk, "fused": os.environ.get("NLC_FUSED", "1"),
                  "first_s": round(first, 1), "step_ms": round(ms, 2),
                  "tokens_per_s": round(args.B * args.T / ms * 1e3)}

@@ -371,16 +371,21 @@ def test_fused_sequence_matches_the_chunks_in_float64(monkeypatch, device, kind,
                                                       decay, C, T):  # fmt: skip
     """``chunks.sequence_step`` (every chunk in one op) against ``chunk.scan`` chunk by chunk in
     float64 (unfused, itself checked per token): outputs, end state, and every gradient."""
+    _check_sequence(monkeypatch, device, MemorySpec(kind, 32, 32, hidden=64, depth=2, act=act),
+                    RuleSpec(rule_kind), decay, C, T, B=2, H=3, seed=1)  # fmt: skip
+
+
+def _check_sequence(monkeypatch, device, spec, rule, decay, C, T, B, H, seed):
+    """The fused sequence (float32 on ``device``; TF32 off on CUDA) against the chunks in float64
+    on the CPU: outputs, end state and every gradient."""
     if device == "none":
         pytest.skip("no CUDA device and Triton is not in interpreter mode")
     if device == "cuda":
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     else:
         monkeypatch.setenv("NLC_FUSED", "interpret")
-    spec = MemorySpec(kind, 32, 32, hidden=64, depth=2, act=act)
-    rule = RuleSpec(rule_kind)
-    gen = torch.Generator().manual_seed(1)
-    tensors = _inputs(spec, 2, 3, T, rule.uses_momentum, decay, gen)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = _inputs(spec, B, H, T, rule.uses_momentum, decay, gen)
     outs, grads = _run_sequence(spec, rule, tensors, C, torch.float32, device, True)
     with monkeypatch.context() as m:
         m.setenv("NLC_FUSED", "0")
@@ -458,3 +463,53 @@ def test_fused_sequence_with_constant_gates(monkeypatch, device):
     ry, rW, rS = scan(spec, "l2", rule, w, None, k, v, q, *args, 8)
     for a, b in zip([y, *W, *S], [ry, *rW, *rS]):
         assert _close(a.double().cpu(), b, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("C,T", [(16, 48), (20, 40)])  # token blocks of 16 (the small set), 32
+@pytest.mark.parametrize("write,backward", [(16, 16), (64, 64)])
+def test_fused_sequence_with_other_hidden_blocks(monkeypatch, device, C, T, write, backward):
+    """The blocks of the hidden width are a tuning choice (``NLC_FUSED_BLOCKS``): other widths
+    per program (one block, or four) give the same values and gradients as the chunks in
+    float64, for both sets of settings (chunks of at most 16 tokens, and larger)."""
+    for table in (fused.mlp2.BLOCKS, fused.mlp2.BLOCKS_SMALL):
+        monkeypatch.setitem(table, "write", write)
+        monkeypatch.setitem(table, "backward", backward)
+    if fused.available():
+        assert fused.mlp2._blocks(C, 64, "write")[1] == write
+        assert fused.mlp2._blocks(C, 64, "backward")[1] == backward
+    _check_sequence(monkeypatch, device, MemorySpec("residual_mlp", 32, 32, hidden=64, depth=2,
+                                                    act="gelu"),
+                    RuleSpec("momentum"), True, C, T, B=1, H=2, seed=2)  # fmt: skip
+
+
+def test_tuning_settings_come_from_the_environment(monkeypatch):
+    """``NLC_FUSED_WARPS`` / ``NLC_FUSED_BLOCKS`` override the named settings and keep the rest;
+    a name or value they do not know is refused with the expected form."""
+    from nlc.runtime.fused.mlp2 import _tuning
+
+    defaults = {"write": 32, "backward": 32}
+    monkeypatch.setenv("NLC_TEST_TUNING", "backward=16")
+    assert _tuning("NLC_TEST_TUNING", defaults) == {"write": 32, "backward": 16}
+    assert defaults == {"write": 32, "backward": 32}
+    monkeypatch.delenv("NLC_TEST_TUNING")
+    assert _tuning("NLC_TEST_TUNING", defaults) == defaults
+    for bad in ("width=16", "write=wide", "write"):
+        monkeypatch.setenv("NLC_TEST_TUNING", bad)
+        with pytest.raises(ValueError, match="write=INT,backward=INT"):
+            _tuning("NLC_TEST_TUNING", defaults)
+
+
+def test_small_chunks_take_the_small_settings():
+    """Chunks of at most 16 tokens (one 16-token block) use ``WARPS_SMALL``/``BLOCKS_SMALL``;
+    larger ones ``WARPS``/``BLOCKS``; a hidden width the block does not divide falls back."""
+    from nlc.runtime.fused import mlp2
+
+    if not fused.available():
+        pytest.skip("needs Triton (the block sizes use triton.next_power_of_2)")
+    assert mlp2._warps(16) is mlp2.WARPS_SMALL and mlp2._warps(32) is mlp2.WARPS
+    for C in (1, 8, 16):
+        assert mlp2._blocks(C, 256, "write")[1] == mlp2.BLOCKS_SMALL["write"]
+    assert mlp2._blocks(17, 256, "write")[1] == mlp2.BLOCKS["write"]
+    assert mlp2._blocks(16, 48, "write")[1] == 16  # 48 = 3 x 16: no block of 32 or 64 fits

@@ -42,6 +42,10 @@ Differences from the unfused path: the read comes back in float32 (under autocas
 ``mlp`` read is bf16), and there are no gradients of gradients (``create_graph=True`` through a
 fused level raises; run with ``NLC_FUSED=0`` for that).
 
+The kernels' warps and blocks of the hidden width come from two tables in ``mlp2`` (chunks of
+at most 16 tokens, and larger: ``benchmarks/fused_diag.py`` sweeps them), which
+``NLC_FUSED_WARPS`` and ``NLC_FUSED_BLOCKS`` override (``key=int,...``).
+
 ``NLC_FUSED=0`` turns the fused path off; ``NLC_FUSED=interpret`` also uses it for CPU tensors
 (it needs ``TRITON_INTERPRET=1`` set before Triton is imported; tests only).
 """

@@ -8,6 +8,7 @@ backward's formulas are written out above ``_bwd_sums_kernel``.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import Tensor
@@ -25,18 +26,45 @@ def _kernel_precision(prec: str, bc: int) -> str:
     return "tf32" if prec == "bf16" and bc >= 64 else prec
 
 
-def _blocks(C: int, hidden: int) -> tuple[int, int, int]:
-    """(token block, hidden block of the per-block kernels, hidden step of the read loop)."""
+def _blocks(C: int, hidden: int, kind: str = "backward") -> tuple[int, int, int]:
+    """(token block, hidden block of the per-block kernels of ``kind`` (``write`` or
+    ``backward``, ``BLOCKS``), hidden step of the read loop)."""
     bc = max(16, triton.next_power_of_2(C))
-    bh = 32 if hidden % 32 == 0 else 16
-    br = 64 if hidden % 64 == 0 else bh
+    want = (BLOCKS_SMALL if bc <= 16 else BLOCKS)[kind]
+    bh = want if hidden % want == 0 else (32 if hidden % 32 == 0 else 16)
+    br = 64 if hidden % 64 == 0 else (32 if hidden % 32 == 0 else 16)
     return bc, bh, br
 
 
 PRECISIONS = ("bf16", "tf32", "ieee")
 
-# warps per program of each kernel (benchmarks/fused_diag.py tries others)
-WARPS = {"read": 4, "write": 4, "sums": 4, "weights": 4}
+
+def _tuning(name: str, defaults: dict) -> dict:
+    """``defaults``, updated from ``$name`` (``key=int,...``): a knob for tuning runs
+    (``benchmarks/fused_diag.py`` sweeps the values; ``benchmarks/level_diag.py`` times a level
+    with them)."""
+    out = dict(defaults)
+    for item in filter(None, os.environ.get(name, "").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in out or not value.strip().isdigit():
+            raise ValueError(f"{name}: expected {','.join(f'{k}=INT' for k in defaults)}, got {item!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+# Warps per program of each kernel (the backward's finish kernel uses "read") and hidden units
+# per program of the write kernel and of the backward's per-block kernels (16, 32 or 64; a hidden
+# width they do not divide falls back to 32 or 16): for chunks of 16 tokens or fewer, and for
+# larger ones. The values are the fastest of benchmarks/fused_diag.py's sweep on an H200
+# (benchmarks/RESULTS.md); the environment variables override both sets.
+WARPS_SMALL = _tuning("NLC_FUSED_WARPS", {"read": 8, "write": 4, "sums": 2, "weights": 4})
+WARPS = _tuning("NLC_FUSED_WARPS", {"read": 4, "write": 4, "sums": 4, "weights": 4})
+BLOCKS_SMALL = _tuning("NLC_FUSED_BLOCKS", {"write": 64, "backward": 32})
+BLOCKS = _tuning("NLC_FUSED_BLOCKS", {"write": 32, "backward": 32})
+
+
+def _warps(bc: int) -> dict:
+    return WARPS_SMALL if bc <= 16 else WARPS
 
 
 def precision(device_type: str) -> str:
@@ -381,7 +409,7 @@ def mlp2_chunk(
     """
     N, C, D = k.shape
     HD = w1.shape[-2]
-    bc, bh, br = _blocks(C, HD)
+    bc, bh, br = _blocks(C, HD, "write")
     prec = _kernel_precision(prec, bc)
     k, v, q, w1, w2, cw, gam = (t.contiguous() for t in (k, v, q, w1, w2, cw, gam))
     yq, e = torch.empty_like(k), torch.empty_like(k)
@@ -395,11 +423,11 @@ def mlp2_chunk(
     with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
         _read_kernel[(N,)](
             k, v, q, w1, w2, yq, e, C, HD, D, bc, br, ACTS[act], residual, True, prec,
-            num_warps=WARPS["read"],
+            num_warps=_warps(bc)["read"],
         )  # fmt: skip
         _write_kernel[(N, HD // bh)](
             k, e, w1, w2, s1, s2, cw, cs, gam, dd, bb, w1e, w2e, s1e, s2e,
-            C, HD, D, bc, bh, ACTS[act], momentum, prec, num_warps=WARPS["write"],
+            C, HD, D, bc, bh, ACTS[act], momentum, prec, num_warps=_warps(bc)["write"],
         )  # fmt: skip
     if not momentum:
         s1e, s2e = k.new_empty(0), k.new_empty(0)
@@ -487,20 +515,20 @@ def mlp2_chunk_backward(
     with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
         _read_kernel[(N,)](
             k, v, q, w1, w2, e, e, C, HD, D, bc, _blocks(C, HD)[2], a, residual, False, prec,
-            num_warps=WARPS["read"],
+            num_warps=_warps(bc)["read"],
         )  # fmt: skip
         _bwd_sums_kernel[(N, nj)](
             k, e, w1, w2, gw1, gw2, gs1, gs2, cw, cs, ge_p, gk_p, gcw_p, gcs_p,
-            C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["sums"],
+            C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["sums"],
         )  # fmt: skip
         _bwd_weights_kernel[(N, nj)](
             k, q, e, ge_p, gyq, w1, w2, gw1, gw2, gs1, gs2, s1, s2, cw, cs, gam, dd, bb,
             dw1, dw2, ds1, ds2, gk2_p, gq_p, sc_p,
-            C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["weights"],
+            C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["weights"],
         )  # fmt: skip
         _bwd_finish_kernel[(N,)](
             ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq, dk, dv, dq, dcw, dcs, dgam, ddd, dbb,
-            C, nj, D, bc, residual, momentum, num_warps=WARPS["read"],
+            C, nj, D, bc, residual, momentum, num_warps=_warps(bc)["read"],
         )  # fmt: skip
     if momentum:
         return dk, dv, dq, dw1, dw2, ds1, ds2, dcw, dcs, dgam, ddd, dbb

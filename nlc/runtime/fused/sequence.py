@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import mlp2 as _k  # the kernels (defined where Triton imports)
-from .mlp2 import ACTS, WARPS, _blocks, _kernel_precision
+from .mlp2 import ACTS, _blocks, _kernel_precision, _warps
 
 __all__ = ["mlp2_sequence"]
 
@@ -87,7 +87,7 @@ def mlp2_sequence(
     """
     n, N, C, D = k.shape
     HD = w1.shape[-2]
-    bc, bh, br = _blocks(C, HD)
+    bc, bh, br = _blocks(C, HD, "write")
     prec = _kernel_precision(prec, bc)
     a = ACTS[act]
     k, v, q, cw, gam = (t.contiguous() for t in (k, v, q, cw, gam))
@@ -112,11 +112,11 @@ def mlp2_sequence(
             m1, m2 = (s1e, s2e) if last else (s1s[c + 1], s2s[c + 1])
             _k._read_kernel[(N,)](
                 k[c], v[c], q[c], w1s[c], w2s[c], yq[c], e[c],
-                C, HD, D, bc, br, a, residual, True, prec, num_warps=WARPS["read"],
+                C, HD, D, bc, br, a, residual, True, prec, num_warps=_warps(bc)["read"],
             )  # fmt: skip
             _k._write_kernel[(N, HD // bh)](
                 k[c], e[c], w1s[c], w2s[c], s1s[c], s2s[c], cw[c], cs[c], gam[c], dd[c], bb[c],
-                o1, o2, m1, m2, C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["write"],
+                o1, o2, m1, m2, C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["write"],
             )  # fmt: skip
     if not momentum:
         s1e, s2e, s1s, s2s = (k.new_empty(0) for _ in range(4))
@@ -215,12 +215,12 @@ def mlp2_sequence_backward(
                 main.wait_event(freed[step % 2])
             _k._bwd_sums_kernel[(N, nj)](
                 k[c], e[c], w1s[c], w2s[c], g1, g2, h1, h2, cw[c], cs[c], ge_p, gk_p, gcw_p, gcs_p,
-                C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["sums"],
+                C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["sums"],
             )  # fmt: skip
             _k._bwd_weights_kernel[(N, nj)](
                 k[c], q[c], e[c], ge_p, gyq[c], w1s[c], w2s[c], g1, g2, h1, h2, s1s[c], s2s[c],
                 cw[c], cs[c], gam[c], dd[c], bb[c], o1, o2, p1, p2, gk2_p, gq_p, sc_p,
-                C, HD, D, bc, bh, a, momentum, prec, num_warps=WARPS["weights"],
+                C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["weights"],
             )  # fmt: skip
             if side is not None:
                 side.wait_stream(main)
@@ -228,7 +228,7 @@ def mlp2_sequence_backward(
                 _k._bwd_finish_kernel[(N,)](
                     ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq[c],
                     dk[c], dv[c], dq[c], dcw[c], dcs[c], dgam[c], ddd[c], dbb[c],
-                    C, nj, D, bc, residual, momentum, num_warps=WARPS["read"],
+                    C, nj, D, bc, residual, momentum, num_warps=_warps(bc)["read"],
                 )  # fmt: skip
             if side is not None:
                 freed[step % 2] = side.record_event()
