@@ -8,8 +8,8 @@ the same for the write and the backward kernels): the microseconds per call of e
 (CUDA time from the profiler, averaged over calls), and each compiled kernel's registers and
 spills. Then, per chunk size and precision, the fastest setting of each kernel, as the
 ``NLC_FUSED_WARPS`` and ``NLC_FUSED_BLOCKS`` values that select it (``benchmarks/level_diag.py``
-times a level with them). ``N`` memories (batch x heads) of a depth-2 residual MLP with momentum, the Titans
-configuration of ``specs/titans_memory.nl`` at B8 x 8 heads.
+times a level with them). ``N`` memories (batch x heads) of a depth-2 residual MLP with
+momentum, the Titans configuration of ``specs/titans_memory.nl`` at B8 x 8 heads.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .diagnostics import Diagnostic, render, to_json
+from .diagnostics import Diagnostic, SettingError, render, to_json
 
 __all__ = ["main"]
 
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nlc: interrupted", file=sys.stderr)
         return 130
+    except SettingError as e:  # an NLC_* environment variable, read where it is used
+        print(f"nlc: error: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         return 0
 

@@ -206,6 +206,10 @@ class CodegenError(NLCError):
         super().__init__(render(self.diagnostics, {source.name: source} if source else {}))
 
 
+class SettingError(NLCError, ValueError):
+    """An ``NLC_*`` environment variable has a value nlc does not accept."""
+
+
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     """' (did you mean `x`?)' for the closest option, or ''."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)

@@ -489,16 +489,18 @@ def test_tuning_settings_come_from_the_environment(monkeypatch):
     a name or value they do not know is refused with the expected form."""
     from nlc.runtime.fused.mlp2 import _tuning
 
-    defaults = {"write": 32, "backward": 32}
+    defaults, allowed = {"write": 32, "backward": 32}, (16, 32, 64)
     monkeypatch.setenv("NLC_TEST_TUNING", "backward=16")
-    assert _tuning("NLC_TEST_TUNING", defaults) == {"write": 32, "backward": 16}
+    assert _tuning("NLC_TEST_TUNING", defaults, allowed) == {"write": 32, "backward": 16}
     assert defaults == {"write": 32, "backward": 32}
+    monkeypatch.setenv("NLC_TEST_TUNING", " write = 64 ,backward=16")
+    assert _tuning("NLC_TEST_TUNING", defaults, allowed) == {"write": 64, "backward": 16}
     monkeypatch.delenv("NLC_TEST_TUNING")
-    assert _tuning("NLC_TEST_TUNING", defaults) == defaults
-    for bad in ("width=16", "write=wide", "write"):
+    assert _tuning("NLC_TEST_TUNING", defaults, allowed) == defaults
+    for bad in ("width=16", "write=wide", "write", "write=48"):  # 48: not a power-of-2 block
         monkeypatch.setenv("NLC_TEST_TUNING", bad)
-        with pytest.raises(ValueError, match="write=INT,backward=INT"):
-            _tuning("NLC_TEST_TUNING", defaults)
+        with pytest.raises(ValueError, match="write=N,backward=N with N one of 16, 32, 64"):
+            _tuning("NLC_TEST_TUNING", defaults, allowed)
 
 
 def test_small_chunks_take_the_small_settings():
@@ -513,3 +515,25 @@ def test_small_chunks_take_the_small_settings():
         assert mlp2._blocks(C, 256, "write")[1] == mlp2.BLOCKS_SMALL["write"]
     assert mlp2._blocks(17, 256, "write")[1] == mlp2.BLOCKS["write"]
     assert mlp2._blocks(16, 48, "write")[1] == 16  # 48 = 3 x 16: no block of 32 or 64 fits
+
+
+
+def test_a_bad_setting_is_a_clear_cli_error(monkeypatch, capsys):
+    """``nlc`` reports a bad ``NLC_FUSED_BLOCKS`` (read where the fused kernels are imported,
+    inside a subcommand) as one error line and exit status 2, not a traceback."""
+    import argparse
+
+    from nlc import cli
+    from nlc.runtime.fused.mlp2 import _tuning
+
+    def subcommand(args):
+        _tuning("NLC_FUSED_BLOCKS", {"write": 32, "backward": 32}, (16, 32, 64))
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=subcommand)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setenv("NLC_FUSED_BLOCKS", "write=48")
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nlc: error: NLC_FUSED_BLOCKS: expected write=N,backward=N")
+    assert "Traceback" not in err

@@ -13,6 +13,7 @@ import os
 import torch
 from torch import Tensor
 
+from ...diagnostics import SettingError
 from ._triton import tl, triton
 
 __all__ = ["ACTS", "PRECISIONS", "WARPS", "mlp2_chunk", "precision"]
@@ -39,16 +40,20 @@ def _blocks(C: int, hidden: int, kind: str = "backward") -> tuple[int, int, int]
 PRECISIONS = ("bf16", "tf32", "ieee")
 
 
-def _tuning(name: str, defaults: dict) -> dict:
-    """``defaults``, updated from ``$name`` (``key=int,...``): a knob for tuning runs
-    (``benchmarks/fused_diag.py`` sweeps the values; ``benchmarks/level_diag.py`` times a level
-    with them)."""
+def _tuning(name: str, defaults: dict, allowed: tuple[int, ...]) -> dict:
+    """``defaults``, updated from ``$name`` (``key=int,...``, each value one of ``allowed``): a
+    knob for tuning runs (``benchmarks/fused_diag.py`` sweeps the values;
+    ``benchmarks/level_diag.py`` times a level with them)."""
     out = dict(defaults)
+    form = ",".join(f"{k}=N" for k in defaults)
     for item in filter(None, os.environ.get(name, "").split(",")):
-        key, _, value = item.partition("=")
-        if key.strip() not in out or not value.strip().isdigit():
-            raise ValueError(f"{name}: expected {','.join(f'{k}=INT' for k in defaults)}, got {item!r}")
-        out[key.strip()] = int(value)
+        key, _, value = (p.strip() for p in item.partition("="))
+        if key not in out or not value.isdigit() or int(value) not in allowed:
+            raise SettingError(
+                f"{name}: expected {form} with N one of {', '.join(map(str, allowed))}; got "
+                f"{item!r} (unset it for the defaults)"
+            )
+        out[key] = int(value)
     return out
 
 
@@ -57,10 +62,11 @@ def _tuning(name: str, defaults: dict) -> dict:
 # width they do not divide falls back to 32 or 16): for chunks of 16 tokens or fewer, and for
 # larger ones. The values are the fastest of benchmarks/fused_diag.py's sweep on an H200
 # (benchmarks/RESULTS.md); the environment variables override both sets.
-WARPS_SMALL = _tuning("NLC_FUSED_WARPS", {"read": 8, "write": 4, "sums": 2, "weights": 4})
-WARPS = _tuning("NLC_FUSED_WARPS", {"read": 4, "write": 4, "sums": 4, "weights": 4})
-BLOCKS_SMALL = _tuning("NLC_FUSED_BLOCKS", {"write": 64, "backward": 32})
-BLOCKS = _tuning("NLC_FUSED_BLOCKS", {"write": 32, "backward": 32})
+_W, _B = (1, 2, 4, 8, 16), (16, 32, 64)
+WARPS_SMALL = _tuning("NLC_FUSED_WARPS", {"read": 8, "write": 4, "sums": 2, "weights": 4}, _W)
+WARPS = _tuning("NLC_FUSED_WARPS", {"read": 4, "write": 4, "sums": 4, "weights": 4}, _W)
+BLOCKS_SMALL = _tuning("NLC_FUSED_BLOCKS", {"write": 64, "backward": 32}, _B)
+BLOCKS = _tuning("NLC_FUSED_BLOCKS", {"write": 32, "backward": 32}, _B)
 
 
 def _warps(bc: int) -> dict:
