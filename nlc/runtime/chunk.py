@@ -122,6 +122,72 @@ class RuleSpec:
 # decay coefficients
 
 
+def _products(gp: Tensor) -> Tensor:
+    """``P[..., t, s] = prod_{j=s+1..t} gp_j`` (``0 <= s <= t < n``, else 0) for ``gp [..., n]``:
+    a ``cumprod`` along the last axis of a masked matrix, so zeros are exact and nothing is
+    divided."""
+    n = gp.shape[-1]
+    idx = torch.arange(n, device=gp.device)
+    # built transposed, [..., s, t] = gp_t for t > s, so the cumprod runs along the last axis.
+    # Down a leading axis of 129 (C = 128), inductor (torch 2.11, CUDA) failed to generate the
+    # scan's code; a scan along the last axis is its common case. Same products, same order.
+    after = idx[:, None] < idx[None, :]
+    m = torch.where(after, gp[..., None, :], torch.ones((), dtype=gp.dtype, device=gp.device))
+    p = torch.cumprod(m, dim=-1).mT
+    return torch.where(idx[:, None] >= idx[None, :], p, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+class _Products(torch.autograd.Function):
+    """:func:`_products` with its gradient in closed form: ``dP[t, s] / dgp_j = P[j-1, s] P[t, j]``
+    for ``s < j <= t``, so ``dgp_j = sum_s P[j-1, s] (P^T dP)[j, s]``: one batched matrix product,
+    products only (zeros exact).
+
+    torch's own ``cumprod`` backward, traced with gradients on (as ``torch.compile`` traces a
+    backward), unrolls into a loop over the scanned axis: at C = 128, over a thousand small
+    kernels per chunk step. The backward here recomputes ``P`` with differentiable operations,
+    so it is itself differentiable."""
+
+    @staticmethod
+    def forward(ctx, gp: Tensor) -> Tensor:
+        ctx.save_for_backward(gp)
+        return _products(gp)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (gp,) = ctx.saved_tensors
+        p = _products(gp)
+        m = p.mT @ grad
+        return F.pad((m[..., 1:, :] * p[..., :-1, :]).sum(-1), (1, 0))
+
+
+class _Suffix(torch.autograd.Function):
+    """``rev[..., s] = prod_{j=s+1..C} g_j`` for ``s = 0..C`` (``g [..., C]``, token ``j`` at index
+    ``j - 1``; ``rev[C] = 1``), a reversed ``cumprod`` in O(C), with the gradient
+    ``dg_j = rev[j] sum_{s<j} P[j-1, s] drev[s]`` (:func:`_products`; O(C^2), products only)
+    instead of ``cumprod``'s unrolled backward (see :class:`_Products`)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor) -> Tensor:
+        ctx.save_for_backward(g)
+        return _suffix(g)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (g,) = ctx.saved_tensors
+        p = _products(F.pad(g, (1, 0), value=1.0))
+        u = (p[..., :-1, :] @ grad[..., :, None])[..., 0]
+        return u * _suffix(g)[..., 1:]
+
+
+def _suffix(g: Tensor) -> Tensor:
+    return F.pad(torch.cumprod(g.flip(-1), dim=-1), (1, 0), value=1.0).flip(-1)
+
+
+# _Suffix's backward forms a (C+1) x (C+1) matrix per row: beyond this chunk size the plain
+# cumprod (its own backward) is used instead
+SUFFIX_MATRIX_MAX = 1024
+
+
 def decay_matrix(
     g: Tensor | None, C: int, *, dtype: torch.dtype, device=None
 ) -> Tensor:
@@ -130,22 +196,14 @@ def decay_matrix(
     ``g`` is ``[..., C]`` (token ``j`` of the chunk is index ``j - 1``); index 0 of ``P`` is the
     chunk start, so ``P[..., t, 0]`` is the cumulative product ``g_1 ... g_t`` and the diagonal
     is 1. Computed as a ``cumprod`` down the columns of a masked matrix, so zeros in ``g`` are
-    exact (value and gradient) and nothing is divided. ``g=None`` means ``g == 1``.
+    exact (value and gradient) and nothing is divided; the gradient is a closed form
+    (:class:`_Products`). ``g=None`` means ``g == 1``.
     """
-    idx = torch.arange(C + 1, device=device)
-    lower = idx[:, None] >= idx[None, :]
     if g is None:
-        return lower.to(dtype)
+        idx = torch.arange(C + 1, device=device)
+        return (idx[:, None] >= idx[None, :]).to(dtype)
     gp = F.pad(g, (1, 0), value=1.0)  # [..., C+1]; the chunk-start slot is a dummy 1
-    # built transposed, [..., s, t] = g_t for t > s, so the cumprod runs along the last axis.
-    # Down a leading axis of 129 (C = 128), inductor (torch 2.11, CUDA) failed to generate the
-    # scan's code; a scan along the last axis is its common case. Same products, same order.
-    after = idx[:, None] < idx[None, :]
-    m = torch.where(
-        after, gp[..., None, :], torch.ones((), dtype=gp.dtype, device=gp.device)
-    )
-    p = torch.cumprod(m, dim=-1).mT
-    return torch.where(lower, p, torch.zeros((), dtype=p.dtype, device=p.device))
+    return _Products.apply(gp) if gp.requires_grad else _products(gp)
 
 
 def _end_row(
@@ -156,7 +214,7 @@ def _end_row(
         return torch.ones((), dtype=dtype, device=device), torch.ones(
             C, dtype=dtype, device=device
         )
-    rev = F.pad(torch.cumprod(g.flip(-1), dim=-1), (1, 0), value=1.0).flip(-1)
+    rev = _Suffix.apply(g) if g.requires_grad and C <= SUFFIX_MATRIX_MAX else _suffix(g)
     return rev[..., 0], rev[..., 1:]
 
 

@@ -877,6 +877,67 @@ def test_decay_matrix():
     )
 
 
+@pytest.mark.parametrize("C", [1, 5, 16])
+def test_decay_products_gradients_with_zero_gates(C):
+    """The decay matrix and the chunk-end row (``_end_row``) have closed-form gradients: they
+    pass gradcheck and gradgradcheck in float64 with gates exactly 0 and 1, and equal the
+    gradients of the products written out one by one."""
+    from nlc.runtime.chunk import _end_row
+
+    gen = torch.Generator().manual_seed(C)
+    g = torch.rand(2, 3, C, dtype=F64, generator=gen)
+    g[0, 1, 0] = 0.0
+    g[1, 2, C - 1] = 0.0
+    g[1, 0, C // 2] = 1.0
+    g.requires_grad_(True)
+
+    def rows(g):
+        gam, row = _end_row(g, C, dtype=F64, device=None)
+        return torch.cat([gam[..., None], row], -1)
+
+    for f in (lambda g: decay_matrix(g, C, dtype=F64), rows):
+        assert torch.autograd.gradcheck(f, (g,))
+        assert torch.autograd.gradgradcheck(f, (g,))
+
+    def literal(g):  # P[t, s] = prod_{j=s+1..t} g_j, one product per entry
+        out = torch.zeros(*g.shape[:-1], C + 1, C + 1, dtype=F64)
+        for t, s in itertools.product(range(C + 1), range(C + 1)):
+            if s <= t:
+                out[..., t, s] = torch.prod(g[..., s:t], -1)
+        return out
+
+    w = torch.randn(2, 3, C + 1, C + 1, dtype=F64, generator=gen)
+    (a,) = torch.autograd.grad((decay_matrix(g, C, dtype=F64) * w).sum(), g)
+    (b,) = torch.autograd.grad((literal(g) * w).sum(), g)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    (a,) = torch.autograd.grad((rows(g) * w[..., -1, :]).sum(), g)
+    (b,) = torch.autograd.grad((literal(g)[..., -1, :] * w[..., -1, :]).sum(), g)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_decay_backward_traces_without_a_loop():
+    """Traced with gradients on (as torch.compile traces a backward), the decay matrix's backward
+    is a few dozen operations at C = 128, where cumprod's own backward unrolls into a loop of
+    over a thousand (each a kernel in the compiled chunk step)."""
+    from collections import Counter
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from nlc.runtime.chunk import _end_row
+
+    def count(f):
+        def traced(g):
+            (gr,) = torch.autograd.grad(f(g).sum(), g, create_graph=True)
+            return gr
+
+        gm = make_fx(traced, tracing_mode="fake")(torch.rand(2, 4, 128, requires_grad=True))
+        return sum(Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function").values())
+
+    assert count(lambda g: decay_matrix(g, 128, dtype=g.dtype)) < 100
+    assert count(lambda g: _end_row(g, 128, dtype=g.dtype, device=None)[1]) < 100
+    assert count(lambda g: torch.cumprod(g, -1)) > 1000  # what the closed forms avoid
+
+
 def test_read_none_and_errors():
     spec = make_spec("linear")
     p = make_problem(spec, RULES["momentum"], T=4)
