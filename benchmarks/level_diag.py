@@ -9,6 +9,8 @@ graphs); ``regional`` (nlc.runtime.regional: the chunk step compiled, the loop e
 / ``regional_graphs`` (the eager / regional level captured by torch.cuda.make_graphed_callables).
 A mode ending in ``-eagerfwd`` (``regional_graphs-eagerfwd``) is that mode without the regional
 whole-forward region (``NLC_WHOLE_FORWARD=0``: the level's forward eager around its op).
+A mode may end in ``@NAME=VALUE`` (several joined by ``+``) to run with those environment
+settings, for comparisons in one process: ``regional_graphs@NLC_FUSED_READ_SPLIT=0``.
 ``NLC_FUSED=0`` turns off the fused MLP chunk kernels (``nlc.runtime.fused``); each result
 records which it ran.
 ``--profile`` prints where the CPU and the GPU spend a step.
@@ -74,14 +76,22 @@ def main():
     args = ap.parse_args()
     cls = level(args.chunk, 512, 8, args.T)
     out = []
+    base_env = dict(os.environ)
     for mode in args.modes.split(","):
+        os.environ.clear()
+        os.environ.update(base_env)
+        mode, _, settings = mode.partition("@")
+        label = f"{mode}@{settings}" if settings else mode
+        for item in filter(None, settings.split("+")):
+            name, _, value = item.partition("=")
+            os.environ[name] = value
         torch.manual_seed(0)
         m = cls().cuda()
         x = torch.randn(args.B, args.T, 512, device="cuda", requires_grad=True)
         os.environ["NLC_CHUNK_SCAN"] = "0" if mode.startswith("unrolled") else "1"
         # "-eagerfwd": regional compile without the whole-forward region (NLC_WHOLE_FORWARD=0)
         os.environ["NLC_WHOLE_FORWARD"] = "0" if mode.endswith("-eagerfwd") else "1"
-        mode, label = mode.removesuffix("-eagerfwd"), mode
+        mode = mode.removesuffix("-eagerfwd")
         torch._dynamo.reset()
         if mode in ("eager", "graphs"):
             f = m

@@ -484,6 +484,28 @@ def test_fused_sequence_with_other_hidden_blocks(monkeypatch, device, C, T, writ
                     RuleSpec("momentum"), True, C, T, B=1, H=2, seed=2)  # fmt: skip
 
 
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("kind", ["residual_mlp", "mlp"])
+def test_read_in_one_program_per_memory(monkeypatch, device, kind):
+    """``NLC_FUSED_READ_SPLIT=0``: the errors and the reads of a chunk in one program per memory
+    (the default gives them two) give the same values and gradients as the chunks in float64,
+    in the sequence op and in the chunk op."""
+    monkeypatch.setenv("NLC_FUSED_READ_SPLIT", "0")
+    assert fused.mlp2._read_mode() == 1
+    spec = MemorySpec(kind, 32, 32, hidden=64, depth=2, act="gelu")
+    _check_sequence(monkeypatch, device, spec, RuleSpec("momentum"), True, 16, 48, B=1, H=2, seed=3)
+    if device == "cpu":
+        monkeypatch.setenv("NLC_FUSED", "interpret")
+    gen = torch.Generator().manual_seed(0)
+    tensors = _inputs(spec, 2, 3, 16, True, True, gen)
+    outs, grads = _run(spec, RuleSpec("momentum"), tensors, torch.float32, device)
+    with monkeypatch.context() as m:
+        m.setenv("NLC_FUSED", "0")
+        ref_outs, ref_grads = _run(spec, RuleSpec("momentum"), tensors, torch.float64, "cpu")
+    _assert_matches(outs, grads, ref_outs, ref_grads)
+
+
 def test_tuning_settings_come_from_the_environment(monkeypatch):
     """``NLC_FUSED_WARPS`` / ``NLC_FUSED_BLOCKS`` override the named settings and keep the rest;
     a name or value they do not know is refused with the expected form."""

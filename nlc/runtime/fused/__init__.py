@@ -29,7 +29,10 @@ A whole sequence goes through one more op, ``sequence.mlp2_sequence``: every chu
 same kernels launched chunk after chunk inside one op, with the inputs laid out once
 (``nlc.runtime.chunks.sequence_step``; generated levels whose chunk is one ``chunk_step`` try it
 first). Its backward runs the inputs' gradients of each chunk on a side CUDA stream, beside the
-next chunk's kernels; ``NLC_FUSED_SIDE=0`` keeps them on the one stream.
+next chunk's kernels; ``NLC_FUSED_SIDE=0`` keeps them on the one stream. The read kernel gives
+each memory two programs, one for the chunk's errors (the keys) and one for its reads (the
+queries), which run side by side (one chunk of 64 memories fills half an H200's SMs);
+``NLC_FUSED_READ_SPLIT=0`` does both in one program (for comparisons).
 
 ``tests/runtime/test_fused.py`` checks them against autograd through the unfused closed form in
 float64, on CUDA and on the CPU through Triton's interpreter. The products' operands are what

@@ -69,6 +69,12 @@ BLOCKS_SMALL = _tuning("NLC_FUSED_BLOCKS", {"write": 64, "backward": 32}, _B)
 BLOCKS = _tuning("NLC_FUSED_BLOCKS", {"write": 32, "backward": 32}, _B)
 
 
+def _read_mode() -> int:
+    """How the read kernel forms a chunk's errors and reads: 2, in two programs per memory (the
+    default); 1, in one (``NLC_FUSED_READ_SPLIT=0``, for comparisons)."""
+    return 1 if os.environ.get("NLC_FUSED_READ_SPLIT", "1") == "0" else 2
+
+
 def _warps(bc: int) -> dict:
     return WARPS_SMALL if bc <= 16 else WARPS
 
@@ -120,34 +126,50 @@ if triton is not None:
         HD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
         ACT: tl.constexpr, RES: tl.constexpr, READ: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        """Grid ``(N,)``: the memory at ``W_0`` on the keys (the error ``E = M(K) - V``) and, if
-        ``READ``, on the queries (the read ``Yq``), summed over blocks of the hidden width."""
+        """The memory at ``W_0`` on the keys (the error ``E = M(K) - V``) and on the queries (the
+        read ``Yq``), summed over blocks of the hidden width. ``READ``: 0, grid ``(N,)``: ``E``
+        only; 1, grid ``(N,)``: both in one program; 2, grid ``(N, 2)``: program ``(n, 0)``
+        gives ``E``, ``(n, 1)`` ``Yq`` (half the work each: a chunk's 64 memories fill half an
+        H200's SMs, so the two halves run side by side)."""
         n = tl.program_id(0)
         rc = tl.arange(0, BC)
         rd = tl.arange(0, D)
         rh = tl.arange(0, BH)
         m2 = (rc < C)[:, None]
         tok = n * C * D + rc[:, None] * D + rd[None, :]
-        k = tl.load(K + tok, mask=m2, other=0.0)
-        q = tl.load(Q + tok, mask=m2, other=0.0)
+        queries = False
+        if READ == 2:
+            queries = tl.program_id(1) == 1
+        if queries:
+            k = tl.load(Q + tok, mask=m2, other=0.0)
+        else:
+            k = tl.load(K + tok, mask=m2, other=0.0)
+        if READ == 1:
+            q = tl.load(Q + tok, mask=m2, other=0.0)
         if RES:
             y = k
-            yq = q
         else:
             y = tl.zeros([BC, D], dtype=tl.float32)
-            yq = tl.zeros([BC, D], dtype=tl.float32)
+        if READ == 1:
+            if RES:
+                yq = q
+            else:
+                yq = tl.zeros([BC, D], dtype=tl.float32)
         for j in range(0, HD, BH):
             w1 = tl.load(W1 + n * HD * D + (j + rh)[:, None] * D + rd[None, :])  # W1[j:j+BH, :]
             w2 = tl.load(W2 + n * D * HD + rd[:, None] * HD + (j + rh)[None, :])  # W2[:, j:j+BH]
             h, _, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
             y += _dot(h, tl.trans(w2), PREC)
-            if READ:
+            if READ == 1:
                 hq, _, _ = _act(_dot(q, tl.trans(w1), PREC), ACT)
                 yq += _dot(hq, tl.trans(w2), PREC)
-        v = tl.load(V + tok, mask=m2, other=0.0)
-        if READ:
-            tl.store(YQ + tok, yq, mask=m2)
-        tl.store(E + tok, tl.where(m2, y - v, 0.0), mask=m2)
+        if queries:
+            tl.store(YQ + tok, y, mask=m2)
+        else:
+            v = tl.load(V + tok, mask=m2, other=0.0)
+            tl.store(E + tok, tl.where(m2, y - v, 0.0), mask=m2)
+            if READ == 1:
+                tl.store(YQ + tok, yq, mask=m2)
 
     @triton.jit
     def _write_kernel(
@@ -427,8 +449,9 @@ def mlp2_chunk(
         s1, s2, s1e, s2e = w1, w2, w1e, w2e  # never read or written (MOM off)
         cs = dd = bb = gam
     with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
-        _read_kernel[(N,)](
-            k, v, q, w1, w2, yq, e, C, HD, D, bc, br, ACTS[act], residual, True, prec,
+        mode = _read_mode()
+        _read_kernel[(N, 2 if mode == 2 else 1)](
+            k, v, q, w1, w2, yq, e, C, HD, D, bc, br, ACTS[act], residual, mode, prec,
             num_warps=_warps(bc)["read"],
         )  # fmt: skip
         _write_kernel[(N, HD // bh)](
@@ -520,7 +543,7 @@ def mlp2_chunk_backward(
     a = ACTS[act]
     with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
         _read_kernel[(N,)](
-            k, v, q, w1, w2, e, e, C, HD, D, bc, _blocks(C, HD)[2], a, residual, False, prec,
+            k, v, q, w1, w2, e, e, C, HD, D, bc, _blocks(C, HD)[2], a, residual, 0, prec,
             num_warps=_warps(bc)["read"],
         )  # fmt: skip
         _bwd_sums_kernel[(N, nj)](

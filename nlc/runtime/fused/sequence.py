@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import mlp2 as _k  # the kernels (defined where Triton imports)
-from .mlp2 import ACTS, _blocks, _kernel_precision, _warps
+from .mlp2 import ACTS, _blocks, _kernel_precision, _read_mode, _warps
 
 __all__ = ["mlp2_sequence"]
 
@@ -90,6 +90,7 @@ def mlp2_sequence(
     bc, bh, br = _blocks(C, HD, "write")
     prec = _kernel_precision(prec, bc)
     a = ACTS[act]
+    read = _read_mode()
     k, v, q, cw, gam = (t.contiguous() for t in (k, v, q, cw, gam))
     yq, e = torch.empty_like(k), torch.empty_like(k)
     w1s, w2s = k.new_empty(n, N, HD, D), k.new_empty(n, N, D, HD)
@@ -110,9 +111,9 @@ def mlp2_sequence(
             last = c + 1 == n
             o1, o2 = (w1e, w2e) if last else (w1s[c + 1], w2s[c + 1])
             m1, m2 = (s1e, s2e) if last else (s1s[c + 1], s2s[c + 1])
-            _k._read_kernel[(N,)](
+            _k._read_kernel[(N, 2 if read == 2 else 1)](
                 k[c], v[c], q[c], w1s[c], w2s[c], yq[c], e[c],
-                C, HD, D, bc, br, a, residual, True, prec, num_warps=_warps(bc)["read"],
+                C, HD, D, bc, br, a, residual, read, prec, num_warps=_warps(bc)["read"],
             )  # fmt: skip
             _k._write_kernel[(N, HD // bh)](
                 k[c], e[c], w1s[c], w2s[c], s1s[c], s2s[c], cw[c], cs[c], gam[c], dd[c], bb[c],
