@@ -9,7 +9,9 @@ spec's optimizers at their periods. Modes:
 - ``eager``: the generated model as it is;
 - ``compiled``: regional compilation (``nlc.runtime.regional``) and the in-context levels in
   CUDA graphs (``nlc.runtime.graphs``), as ``peers.py`` and the generated ``train.py`` run it;
-- ``regional``: regional compilation without the graphs.
+- ``regional``: regional compilation without the graphs;
+- ``whole``: regional compilation and the whole training call (forward and backward) in CUDA
+  graphs (``nlc.runtime.graphs.graph_model``).
 
 Each mode reports its first step (the compile), the median step time over ``--steps`` (CUDA
 events, a sync after every step) and, with ``--profile``, the GPU time of one step against its
@@ -25,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +58,7 @@ def build(spec: Path, dims: dict, B: int, T: int, mode: str):
     model = loaded.Model(cfg).cuda().train()
     optimizers = module.build_optimizers(model)
     periods = [int(p) for p in module.optimizer_periods()]
-    if mode in ("compiled", "regional"):
+    if mode in ("compiled", "regional", "whole"):
         from nlc.runtime.regional import compile_regions
 
         compile_regions(model)
@@ -63,6 +66,10 @@ def build(spec: Path, dims: dict, B: int, T: int, mode: str):
         from nlc.runtime.graphs import graph_levels
 
         graph_levels(model)
+    if mode == "whole":
+        from nlc.runtime.graphs import graph_model
+
+        graph_model(model)
     g = torch.Generator().manual_seed(0)
     vocab = int(cfg.vocab_size)
     x = torch.randint(0, vocab, (B, T), generator=g).cuda()
@@ -94,9 +101,37 @@ def timed(step, n: int) -> list[float]:
     return out
 
 
+def busy_ms(p, top: int = 40) -> tuple[float, int, list[dict]]:
+    """How long the GPU ran kernels in the profiled step (the union of the kernels' intervals, so
+    overlapping kernels count once), how many kernels ran, and the ``top`` kernel names by total
+    time (kernels replayed from CUDA graphs included), from the profiler's trace."""
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    p.export_chrome_trace(str(path))
+    events = [e for e in json.loads(path.read_text()).get("traceEvents", [])
+              if e.get("cat") == "kernel" and "ts" in e]
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events)
+    total, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        row = by_name.setdefault(e.get("name", "?"), [0.0, 0])
+        row[0] += e.get("dur", 0)
+        row[1] += 1
+    names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    table = [{"ms": round(us / 1e3, 3), "calls": n, "name": name[:120]} for name, (us, n) in names]
+    return total / 1e3, len(spans), table
+
+
 def profile(step, top: int) -> dict:
-    """GPU time of one step (the sum of its kernels) against the step's wall time, and the
-    ``top`` kernels by GPU time."""
+    """GPU time of one step (profiler rows, which count a kernel under its aten op as well:
+    an upper bound), the time the GPU was busy running kernels, against the step's wall time,
+    and the ``top`` rows by GPU time."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as p:
@@ -104,6 +139,7 @@ def profile(step, top: int) -> dict:
         step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
+    busy, n_kernels, by_kernel = busy_ms(p, top)
     rows = []
     for ev in p.key_averages():
         dev = getattr(ev, "self_device_time_total", 0.0) or 0.0
@@ -114,6 +150,9 @@ def profile(step, top: int) -> dict:
     return {
         "wall_ms": round(wall, 2),
         "gpu_ms": round(gpu, 2),
+        "busy_ms": round(busy, 2),
+        "kernels_run": n_kernels,
+        "by_kernel": by_kernel,
         "kernels": [{"ms": round(ms, 3), "calls": n, "name": name[:120]} for ms, n, name in rows[:top]],
     }
 
@@ -149,8 +188,12 @@ def main():
         if args.profile:
             row["profile"] = profile(step, args.top)
             prof = row["profile"]
-            print(f"[{mode}] one step: wall {prof['wall_ms']} ms, GPU kernels {prof['gpu_ms']} ms", flush=True)
+            print(f"[{mode}] one step: wall {prof['wall_ms']} ms, GPU busy {prof['busy_ms']} ms "
+                  f"({prof['kernels_run']} kernels), profiler rows {prof['gpu_ms']} ms", flush=True)
             for k in prof["kernels"]:
+                print(f"  {k['ms']:8.3f} ms {k['calls']:5d}x  {k['name']}", flush=True)
+            print(f"[{mode}] kernels by name (from the trace):", flush=True)
+            for k in prof["by_kernel"]:
                 print(f"  {k['ms']:8.3f} ms {k['calls']:5d}x  {k['name']}", flush=True)
         results["modes"].append(row)
         del model, step

@@ -657,11 +657,13 @@ def model_candidate(run: Run, loaded, B: int, T: int, variant: str, impl: str = 
     x = torch.randint(0, vocab, (B, T), generator=g).to(run.device)
     y = torch.randint(0, vocab, (B, T), generator=g).to(run.device)
     fwd = compile_nlc(run, model) if variant == "compiled" else model
-    graphs = []
-    if variant == "compiled" and run.graphs and run.args.nlc_scope == "regional":
-        from nlc.runtime.graphs import graph_levels
+    graphs = None
+    from nlc.runtime.regional import has_in_context
 
-        graphs = graph_levels(model)  # in-context levels replayed from CUDA graphs, as train.py does
+    if variant == "compiled" and run.graphs and run.args.nlc_scope == "regional" and has_in_context(model):
+        from nlc.runtime.graphs import capture
+
+        graphs = capture(model, run.args.graph_scope)  # replayed from CUDA graphs, as train.py does
     count = [0]
 
     def step():
@@ -686,7 +688,7 @@ def model_candidate(run: Run, loaded, B: int, T: int, variant: str, impl: str = 
         resident=lambda: tensor_bytes(model, optimizers),
         meta={"params": fl["params"]["total"], "optimizer": opt_desc,
               "compile_scope": run.args.nlc_scope if variant == "compiled" else None,
-              "cuda_graphs": bool(graphs)},
+              "cuda_graphs": graphs},
     )
 
 
@@ -1962,6 +1964,13 @@ def parse_args(argv=None):
         default=None,
         help="also time the level sections (titans, cms) in CUDA graphs (torch.cuda.make_graphed_callables), "
         "nlc's and titans-pytorch's alike (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--graph-scope",
+        choices=("model", "levels"),
+        default="model",
+        help="what nlc's regionally compiled models capture in CUDA graphs: the whole model's forward and backward "
+        "(default, as train.py) or each in-context level",
     )
     p.add_argument(
         "--peer-graphs",

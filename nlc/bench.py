@@ -697,6 +697,7 @@ def run_bench(
     compile: bool | None = None,  # noqa: A002 - mirrors the flag
     compile_scope: str = "auto",
     cuda_graphs: bool | None = None,
+    graph_scope: str = "model",
     fullgraph: bool = True,
     dtype: str | None = None,
     device: str = "auto",
@@ -710,8 +711,9 @@ def run_bench(
     ``compile=None``: on for CUDA, off for the CPU (as the generated train.py). ``dtype=None``:
     bf16 autocast on CUDA, fp32 on the CPU. ``compile_scope``: ``full`` (the whole model),
     ``regional`` (:mod:`nlc.runtime.regional`) or ``auto`` (regional when the model has in-context
-    levels, as train.py). ``cuda_graphs``: replay in-context levels from CUDA graphs
-    (:mod:`nlc.runtime.graphs`; ``None``: as train.py, on for CUDA with regional compile).
+    levels, as train.py). ``cuda_graphs``: replay from CUDA graphs (:mod:`nlc.runtime.graphs`;
+    ``None``: as train.py, on for CUDA with regional compile) the whole model's forward and
+    backward (``graph_scope="model"``) or each in-context level (``"levels"``).
     ``compile_times``: measure the cold compile in an empty temporary
     inductor cache and the warm compile after ``torch._dynamo.reset()``.
     """
@@ -815,9 +817,9 @@ def run_bench(
     comp: dict[str, Any] = {"enabled": use_compile}
     result["chunk_steps_per_forward"] = chunk_steps_per_forward(program, T)
     if graphs and not (use_compile and compile_scope == "regional"):
-        from .runtime.graphs import graph_levels
+        from .runtime.graphs import capture
 
-        graph_levels(model)  # eager levels in graphs (--no-compile --cuda-graphs)
+        graphs = result["config"]["cuda_graphs"] = capture(model, graph_scope)  # eager model in graphs
     cache_ctx = fresh_compile_cache() if (use_compile and compile_times) else contextlib.nullcontext()
     with cache_ctx:
         first_s = warm_s = None
@@ -830,9 +832,9 @@ def run_bench(
             regions = compile_regions(model)
             comp["regions"] = len(regions)
             if graphs:
-                from .runtime.graphs import graph_levels
+                from .runtime.graphs import capture
 
-                graph_levels(model)
+                graphs = result["config"]["cuda_graphs"] = capture(model, graph_scope)
             # a level's whole-forward region compiles on its second call (the first, eager, finds
             # whether its chunks all take the whole-sequence step); in CUDA graphs both happen in
             # the capture of the first step
@@ -981,7 +983,7 @@ def format_table(r: dict) -> str:
         + f" | nlc {env.get('commit') or '-'} (tree {env.get('tree') or '-'})",
         f"batch {cfg['batch_size']} x seq {cfg['seq_len']} = {cfg['tokens_per_step']:,} tokens/step | {cfg['dtype']}"
         f"{' autocast' if cfg['dtype'] == 'bf16' else ''} | compile {(cfg.get('compile_scope') or 'full') if cfg['compile'] else 'off'}"
-        f"{' + cuda graphs' if cfg.get('cuda_graphs') else ''}"
+        f"{' + cuda graphs (' + str(cfg['cuda_graphs']) + ')' if cfg.get('cuda_graphs') else ''}"
         f" | {t['steps']} steps after {cfg['warmup']} warm-up",
         "",
         "| metric | value |",
@@ -1089,6 +1091,13 @@ def add_parser(sub) -> None:
         help="replay in-context levels from CUDA graphs (default: on for CUDA with regional compile, as train.py)",
     )
     b.add_argument(
+        "--graph-scope",
+        choices=("model", "levels"),
+        default="model",
+        help="what --cuda-graphs captures: the whole model's forward and backward, or each in-context level "
+        "(default: model, as train.py)",
+    )
+    b.add_argument(
         "--compile-times",
         action=argparse_bool(),
         default=True,
@@ -1138,6 +1147,7 @@ def cmd_bench(args) -> int:
             compile=args.compile,
             compile_scope=args.compile_scope,
             cuda_graphs=args.cuda_graphs,
+            graph_scope=args.graph_scope,
             dtype=args.dtype,
             device=args.device,
             compile_times=args.compile_times,

@@ -35,7 +35,9 @@ import torch.nn as nn
 
 from .regional import forward_of, in_context_levels
 
-__all__ = ["GraphedLevel", "graph_levels", "graph_report"]
+__all__ = ["GRAPH_SCOPES", "GraphedLevel", "GraphedModel", "capture", "graph_levels", "graph_model", "graph_report"]
+
+GRAPH_SCOPES = ("model", "levels")
 
 
 class _Call(nn.Module):
@@ -138,6 +140,126 @@ def graph_levels(model: nn.Module, max_graphs: int = 4) -> list[str]:
         lv.forward = GraphedLevel(lv, max_graphs=max_graphs)
         done.append(getattr(lv, "level", type(lv).__name__))
     return done
+
+
+class _WholeCall(nn.Module):
+    """The model's own (class) forward on ``(idx, targets)`` as a module to capture."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return type(self.model).forward(self.model, idx, targets)
+
+
+class GraphedModel:
+    """The ``forward`` of a whole model, its training call (``model(idx, targets)``) replayed from
+    one CUDA graph forward and one backward.
+
+    It runs the model's own forward instead when the model is not training, gradients are off,
+    ``targets`` is not given, more arguments are, an in-context memory persists across calls,
+    the input is not on a CUDA device, the previous replay's backward has not run, or the
+    signature is new and ``max_graphs`` are captured already. A capture that fails (an operation
+    a graph cannot hold) is said once, and the model falls back to :func:`graph_levels`.
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 2):
+        self.model = model
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, nn.Module] = {}
+        self.pending = False
+        self.failed: str | None = None
+        self.replays = 0
+        self.levels = in_context_levels(model)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(_copy)
+
+    def _eager(self, *args, **kwargs):
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    def _key(self, idx, targets):
+        return (tuple(idx.shape), idx.dtype, tuple(targets.shape), targets.dtype, idx.device,
+                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+    def __call__(self, idx, targets=None, *args, **kwargs):
+        m = self.model
+        if (args or kwargs or targets is None or not m.training or not torch.is_grad_enabled()
+                or not isinstance(idx, torch.Tensor) or not idx.is_cuda or self.pending or self.failed
+                or any(getattr(lv, "persist", False) for lv in self.levels)
+                or torch.cuda.is_current_stream_capturing()):
+            return self._eager(idx, targets, *args, **kwargs)
+        key = self._key(idx, targets)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            if len(self.graphs) >= self.max_graphs:
+                return self._eager(idx, targets)
+            graphed = self._capture(idx, targets, key)
+            if graphed is None:
+                return self._eager(idx, targets)
+        with torch.cuda.device(idx.device):
+            out = graphed(idx, targets)
+        self.replays += 1
+        loss = out[-1] if isinstance(out, tuple) else out
+        if loss.requires_grad:
+            self.pending = True
+            loss.register_hook(self._backward_started)
+        return out
+
+    def _backward_started(self, grad):
+        self.pending = False
+        return grad
+
+    def _capture(self, idx, targets, key):
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        try:
+            with torch.cuda.device(idx.device), autocast:
+                graphed = torch.cuda.make_graphed_callables(
+                    _WholeCall(self.model), (idx.clone(), targets.clone()), num_warmup_iters=3,
+                    allow_unused_input=True)
+        except Exception as e:  # noqa: BLE001 - the model runs with its levels graphed; said once
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            warnings.warn(f"CUDA graph capture of the whole training step failed ({self.failed}); "
+                          "its in-context levels are captured one by one instead", stacklevel=3)
+            torch.cuda.synchronize()
+            graph_levels(self.model)
+            return None
+        self.graphs[key] = graphed
+        return graphed
+
+
+def graph_model(model: nn.Module, max_graphs: int = 2) -> bool:
+    """Replay ``model``'s whole training call (``model(idx, targets)``: forward and backward)
+    from CUDA graphs (see :class:`GraphedModel`); ``False`` if it is wrapped already.
+
+    For a model whose step the CPU cannot launch as fast as the GPU runs it: small models, many
+    layers, in-context levels at large periods. Call after moving the model to its CUDA device
+    and after :func:`nlc.runtime.regional.compile_regions`, instead of :func:`graph_levels`.
+    """
+    if isinstance(model.__dict__.get("forward"), GraphedModel):
+        return False
+    if any(isinstance(lv.__dict__.get("forward"), GraphedLevel) for lv in in_context_levels(model)):
+        raise ValueError("graph_model: the model's levels are captured one by one already (graph_levels)")
+    model.forward = GraphedModel(model, max_graphs=max_graphs)
+    return True
+
+
+def capture(model: nn.Module, scope: str = "model", parallel: str = "none") -> str:
+    """Install CUDA graphs of ``scope`` on ``model``; returns the scope installed.
+
+    ``model``: the whole model's training call (:func:`graph_model`), in one process only;
+    under DDP (``parallel != "none"``), whose gradient hooks a captured backward would skip, the
+    levels alone. ``levels``: each in-context level (:func:`graph_levels`).
+    """
+    if scope not in GRAPH_SCOPES:
+        raise ValueError(f"graph scope must be one of {GRAPH_SCOPES}, got {scope!r}")
+    if scope == "model" and parallel == "none":
+        graph_model(model)
+        return "model"
+    graph_levels(model)
+    return "levels"
 
 
 def graph_report(model: nn.Module) -> list[dict]:

@@ -110,11 +110,13 @@ def test_level_in_cuda_graphs_matches_eager():
     torch.testing.assert_close(x2.grad, gx_ref, rtol=2e-3, atol=2e-6)
 
 
+@pytest.mark.parametrize("how", ["levels", "whole"])
 @pytest.mark.parametrize("name", ["titans_lmm", "hope", "cms_nested", "self_modifying_titans", "delta_rule"])
-def test_training_with_cuda_graphs_matches_uncaptured(name):
-    """nlc.runtime.graphs in training: 3 optimizer steps, each after two accumulated backward
-    passes, give the losses and weights of the same model run without graphs."""
-    from nlc.runtime.graphs import graph_levels, graph_report
+def test_training_with_cuda_graphs_matches_uncaptured(name, how):
+    """nlc.runtime.graphs in training (each level captured, or the whole training call): 3
+    optimizer steps, each after two accumulated backward passes, give the losses and weights of
+    the same model run without graphs."""
+    from nlc.runtime.graphs import graph_levels, graph_model, graph_report
     from nlc.runtime.regional import compile_regions
 
     from ..conftest import ROOT
@@ -129,7 +131,7 @@ def test_training_with_cuda_graphs_matches_uncaptured(name):
         torch._dynamo.reset()
         compile_regions(model)
         if graphs:
-            assert graph_levels(model)
+            assert graph_levels(model) if how == "levels" else graph_model(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         gen = torch.Generator(device="cuda").manual_seed(1)
         losses = []
@@ -145,10 +147,14 @@ def test_training_with_cuda_graphs_matches_uncaptured(name):
 
     ref_losses, ref = train(False)
     losses, model = train(True)
-    report = graph_report(model)
-    assert report and all(r["failed"] is None for r in report), report
-    if name != "cms_nested":  # its nested group runs uncaptured (it passes chunk states)
-        assert all(r["replays"] >= 5 for r in report), report
+    if how == "levels":
+        report = graph_report(model)
+        assert report and all(r["failed"] is None for r in report), report
+        if name != "cms_nested":  # its nested group runs uncaptured (it passes chunk states)
+            assert all(r["replays"] >= 5 for r in report), report
+    else:
+        whole = model.__dict__["forward"]
+        assert whole.failed is None and len(whole.graphs) == 1 and whole.replays == 6, vars(whole)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=n)
@@ -186,3 +192,28 @@ def test_linear_chunks_on_cuda_match_the_reference(dtype, tol, read):
     for a, b in zip([yd, Wd[0], *got], [y, W[0], *ref]):
         err = (a.double().cpu() - b.detach()).abs().max().item() / (b.abs().max().item() + 1e-12)
         assert err < tol, err
+
+
+@pytest.mark.parametrize("scope", ["model", "levels"])
+def test_nlc_train_on_cuda_with_each_graph_scope(tmp_path, run_cli, scope):
+    """`nlc train` on CUDA with regional compile and CUDA graphs of either scope: the run says
+    which it captured, trains (a finite, falling loss) and writes its checkpoint."""
+    import json
+
+    from ..codegen.helpers import shrink
+    from ..conftest import ROOT
+
+    spec = tmp_path / "titans_tiny.nl"
+    spec.write_text(shrink((ROOT / "examples" / "titans_lmm.nl").read_text(), d=64, heads=2, layers=2))
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", spec, "--device", "cuda", "--steps", "30", "--batch-size", "4",
+                           "--seq-len", "64", "--lr", "3e-3", "--out", out, "--no-progress", "--eval-every", "0",
+                           "--eval-batches", "2", "--log-every", "1", "--graph-scope", scope)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["compile"] == "regional" and config["cuda_graphs"] == scope
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) >= 25 and all(x == x for x in losses), losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert (out / "ckpt.pt").exists()

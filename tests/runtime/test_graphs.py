@@ -10,7 +10,7 @@ import torch
 
 import nlc
 from nlc.runtime.distributed import DistributedError, use_graphs
-from nlc.runtime.graphs import GraphedLevel, graph_levels, graph_report
+from nlc.runtime.graphs import GraphedLevel, GraphedModel, graph_levels, graph_model, graph_report
 
 from ..codegen.helpers import shrink
 from ..conftest import ROOT
@@ -37,6 +37,29 @@ def test_wrapped_levels_run_their_own_forward_on_the_cpu():
     for n, g in grads.items():
         torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=0, atol=0, msg=n)
     assert all(r["graphs"] == 0 and r["replays"] == 0 and r["failed"] is None for r in graph_report(model))
+
+
+def test_whole_model_wrapper_runs_the_model_on_the_cpu():
+    model = _model("titans_lmm")
+    idx = torch.randint(0, 256, (2, 40))
+    ref_logits, ref = model(idx, idx)
+    assert graph_model(model) is True
+    assert graph_model(model) is False  # twice: nothing more
+    assert isinstance(model.__dict__["forward"], GraphedModel)
+    logits, loss = model(idx, idx)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert model.__dict__["forward"].replays == 0 and not model.__dict__["forward"].graphs
+    with pytest.raises(ValueError, match="one by one"):
+        graph_model(_levels_graphed())
+
+
+def _levels_graphed():
+    m = _model("titans_lmm")
+    graph_levels(m)
+    return m
 
 
 def test_when_graphs_are_used():

@@ -160,6 +160,7 @@ def test_existing_checkpoint_needs_resume_or_overwrite(run_dir, train_module, ca
     (["--task", "mqar", "--mqar-pairs", "20"], "too short"),
     (["--device", "tpu"], "--device"),
     (["--compile-scope", "everything"], "invalid choice"),
+    (["--graph-scope", "layers"], "invalid choice"),
     (["--device", "cpu", "--cuda-graphs"], "needs a CUDA device"),
 ])
 def test_bad_flags_exit_2_with_one_line(train_module, run_dir, capsys, argv, needle):
