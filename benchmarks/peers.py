@@ -665,8 +665,14 @@ def model_candidate(run: Run, loaded, B: int, T: int, variant: str, impl: str = 
 
         graphs = capture(model, run.args.graph_scope)  # replayed from CUDA graphs, as train.py does
     count = [0]
+    pool = [0]  # the graphs' private memory pool (their activations), measured around the capture
 
     def step():
+        first = graphs and count[0] == 0
+        if first:  # the first step captures: what it leaves reserved, less the optimizer state it creates
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            before = (torch.cuda.memory_reserved(), tensor_bytes(model, optimizers))
         with run.autocast():
             _, loss = fwd(x, y)
         loss.backward()
@@ -675,6 +681,12 @@ def model_candidate(run: Run, loaded, B: int, T: int, variant: str, impl: str = 
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         count[0] += 1
+        if first:
+            del loss
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            grown = torch.cuda.memory_reserved() - before[0]
+            pool[0] = max(grown - (tensor_bytes(model, optimizers) - before[1]), 0)
 
     fl = bench.count_flops(loaded.program, model, T)
     flops = {"model": fl["model"] * B * T, "6n": fl["6n"] * B * T}
@@ -685,7 +697,7 @@ def model_candidate(run: Run, loaded, B: int, T: int, variant: str, impl: str = 
         step,
         B * T,
         flops=flops,
-        resident=lambda: tensor_bytes(model, optimizers),
+        resident=lambda: tensor_bytes(model, optimizers) + pool[0],
         meta={"params": fl["params"]["total"], "optimizer": opt_desc,
               "compile_scope": run.args.nlc_scope if variant == "compiled" else None,
               "cuda_graphs": graphs},
