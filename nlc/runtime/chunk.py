@@ -147,10 +147,15 @@ class _Products(torch.autograd.Function):
     kernels per chunk step. The backward here recomputes ``P`` with differentiable operations,
     so it is itself differentiable."""
 
+    generate_vmap_rule = True  # usable under torch.func transforms
+
     @staticmethod
-    def forward(ctx, gp: Tensor) -> Tensor:
-        ctx.save_for_backward(gp)
+    def forward(gp: Tensor) -> Tensor:
         return _products(gp)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -166,10 +171,15 @@ class _Suffix(torch.autograd.Function):
     ``dg_j = rev[j] sum_{s<j} P[j-1, s] drev[s]`` (:func:`_products`; O(C^2), products only)
     instead of ``cumprod``'s unrolled backward (see :class:`_Products`)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, g: Tensor) -> Tensor:
-        ctx.save_for_backward(g)
+    def forward(g: Tensor) -> Tensor:
         return _suffix(g)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

@@ -162,6 +162,10 @@ class GraphedModel:
     the input is not on a CUDA device, the previous replay's backward has not run, or the
     signature is new and ``max_graphs`` are captured already. A capture that fails (an operation
     a graph cannot hold) is said once, and the model falls back to :func:`graph_levels`.
+
+    A replay's outputs (logits, loss) are the graph's own buffers: the next replay overwrites
+    them. Use them (or ``.clone()`` them) before the next training call, as a training loop does
+    (``loss.backward()``, ``loss_sum += loss.detach()``: stream-ordered, so safe).
     """
 
     def __init__(self, model: nn.Module, max_graphs: int = 2):
