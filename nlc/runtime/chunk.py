@@ -143,9 +143,9 @@ class _Products(torch.autograd.Function):
     products only (zeros exact).
 
     torch's own ``cumprod`` backward, traced with gradients on (as ``torch.compile`` traces a
-    backward), unrolls into a loop over the scanned axis: at C = 128, over a thousand small
-    kernels per chunk step. The backward here recomputes ``P`` with differentiable operations,
-    so it is itself differentiable."""
+    backward), unrolls into a loop over the scanned axis: at C = 128, 1,570 operations per decay
+    matrix (46 here), hundreds of small kernels in the compiled chunk step. The backward here
+    recomputes ``P`` with differentiable operations, so it is itself differentiable."""
 
     generate_vmap_rule = True  # usable under torch.func transforms
 
