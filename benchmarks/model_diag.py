@@ -7,11 +7,12 @@ A training step as ``benchmarks/peers.py`` times it (``model_candidate``): bf16 
 spec's optimizers at their periods. Modes:
 
 - ``eager``: the generated model as it is;
-- ``compiled``: regional compilation (``nlc.runtime.regional``) and the in-context levels in
-  CUDA graphs (``nlc.runtime.graphs``), as ``peers.py`` and the generated ``train.py`` run it;
+- ``compiled``: regional compilation (``nlc.runtime.regional``) and each in-context level in
+  CUDA graphs (``nlc.runtime.graphs``; ``--graph-scope levels`` of ``train.py``);
 - ``regional``: regional compilation without the graphs;
 - ``whole``: regional compilation and the whole training call (forward and backward) in CUDA
-  graphs (``nlc.runtime.graphs.graph_model``).
+  graphs, as ``peers.py`` and the generated ``train.py`` run it by default (``--graph-scope
+  model``).
 
 Each mode reports its first step (the compile), the median step time over ``--steps`` (CUDA
 events, a sync after every step) and, with ``--profile``, the GPU time of one step against its
@@ -62,14 +63,10 @@ def build(spec: Path, dims: dict, B: int, T: int, mode: str):
         from nlc.runtime.regional import compile_regions
 
         compile_regions(model)
-    if mode == "compiled":
-        from nlc.runtime.graphs import graph_levels
+    if mode in ("compiled", "whole"):
+        from nlc.runtime.graphs import capture
 
-        graph_levels(model)
-    if mode == "whole":
-        from nlc.runtime.graphs import graph_model
-
-        graph_model(model)
+        capture(model, "levels" if mode == "compiled" else "model")
     g = torch.Generator().manual_seed(0)
     vocab = int(cfg.vocab_size)
     x = torch.randint(0, vocab, (B, T), generator=g).cuda()
