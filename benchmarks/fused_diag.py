@@ -72,7 +72,7 @@ def main():
             for warps, bh in ((int(w), int(b)) for w in args.warps.split(",") for b in args.blocks.split(",")):
                 for table in (fused.mlp2.WARPS, fused.mlp2.WARPS_SMALL):  # every chunk size
                     table.update({name: warps for name in table})
-                for table in (fused.mlp2.BLOCKS, fused.mlp2.BLOCKS_SMALL):
+                for table in (fused.mlp2.BLOCKS, fused.mlp2.BLOCKS_SMALL, fused.mlp2.BLOCKS_BF16_64):
                     table.update({name: bh for name in table})
 
                 fa = (k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, "gelu", True, True, prec)

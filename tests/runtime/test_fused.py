@@ -218,10 +218,14 @@ def test_titans_level_fused_and_compiled_equals_unfused(monkeypatch, device):
 @pytest.mark.skipif(
     not (fused.available() and torch.cuda.is_available()), reason="needs Triton and CUDA"
 )
-@pytest.mark.parametrize("C", [16, 64])
-def test_fused_under_bf16_autocast_tracks_the_unfused_path(monkeypatch, C):
-    """Under bf16 autocast both paths multiply bf16 operands (float32 state; the fused kernels
-    use TF32 for 64-token blocks): they agree to bf16 rounding."""
+@pytest.mark.parametrize("C,blocks", [(16, None), (64, None), (64, 32)])
+def test_fused_under_bf16_autocast_tracks_the_unfused_path(monkeypatch, C, blocks):
+    """Under bf16 autocast both paths multiply bf16 operands (float32 state; on 64-token blocks
+    the fused kernels use bf16 with hidden blocks of 64, the default there, and TF32 with
+    smaller ones, ``blocks=32``): they agree to bf16 rounding."""
+    if blocks is not None:
+        for name in ("write", "backward"):
+            monkeypatch.setitem(fused.mlp2.BLOCKS_BF16_64, name, blocks)
     spec = MemorySpec("residual_mlp", 64, 64, hidden=256, depth=2, act="gelu")
     rule = RuleSpec("momentum")
     gen = torch.Generator().manual_seed(0)
@@ -473,7 +477,7 @@ def test_fused_sequence_with_other_hidden_blocks(monkeypatch, device, C, T, writ
     """The blocks of the hidden width are a tuning choice (``NLC_FUSED_BLOCKS``): other widths
     per program (one block, or four) give the same values and gradients as the chunks in
     float64, for both sets of settings (chunks of at most 16 tokens, and larger)."""
-    for table in (fused.mlp2.BLOCKS, fused.mlp2.BLOCKS_SMALL):
+    for table in (fused.mlp2.BLOCKS, fused.mlp2.BLOCKS_SMALL, fused.mlp2.BLOCKS_BF16_64):
         monkeypatch.setitem(table, "write", write)
         monkeypatch.setitem(table, "backward", backward)
     if fused.available():
@@ -537,6 +541,25 @@ def test_small_chunks_take_the_small_settings():
         assert mlp2._blocks(C, 256, "write")[1] == mlp2.BLOCKS_SMALL["write"]
     assert mlp2._blocks(17, 256, "write")[1] == mlp2.BLOCKS["write"]
     assert mlp2._blocks(16, 48, "write")[1] == 16  # 48 = 3 x 16: no block of 32 or 64 fits
+
+
+def test_bf16_on_64_token_blocks_only_with_hidden_blocks_of_64():
+    """bf16 kernels on 64-token blocks take ``BLOCKS_BF16_64`` (hidden blocks of 64, the blocks
+    whose bf16 kernels run there); with a smaller hidden block (a hidden width 64 does not
+    divide, or a setting) those kernels use TF32; other chunk sizes and precisions are kept."""
+    from nlc.runtime.fused import mlp2
+
+    if not fused.available():
+        pytest.skip("needs Triton (the block sizes use triton.next_power_of_2)")
+    assert mlp2._blocks(64, 256, "backward", "bf16")[1] == mlp2.BLOCKS_BF16_64["backward"] == 64
+    assert mlp2._blocks(40, 256, "write", "bf16")[1] == mlp2.BLOCKS_BF16_64["write"] == 64
+    assert mlp2._blocks(64, 256, "write", "tf32")[1] == mlp2.BLOCKS["write"]
+    assert mlp2._blocks(32, 256, "write", "bf16")[1] == mlp2.BLOCKS["write"]
+    assert mlp2._blocks(64, 96, "write", "bf16")[1] == 32  # 96: no block of 64 fits
+    assert mlp2._kernel_precision("bf16", 64, 64) == "bf16"
+    assert mlp2._kernel_precision("bf16", 64, 32) == "tf32"
+    assert mlp2._kernel_precision("bf16", 32, 16) == "bf16"
+    assert mlp2._kernel_precision("ieee", 64, 16) == "ieee"
 
 
 

@@ -36,8 +36,9 @@ queries), which run side by side (one chunk of 64 memories fills half an H200's 
 
 ``tests/runtime/test_fused.py`` checks them against autograd through the unfused closed form in
 float64, on CUDA and on the CPU through Triton's interpreter. The products' operands are what
-the unfused path's ``matmul`` would use (``precision``): bf16 under bf16 autocast (TF32 for
-chunks of 33-64 tokens, ``mlp2._kernel_precision`` says why), TF32 when
+the unfused path's ``matmul`` would use (``precision``): bf16 under bf16 autocast (for chunks of
+33-64 tokens only with hidden blocks of 64, the default there, else TF32:
+``mlp2._kernel_precision`` says why), TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is on, IEEE float32 otherwise; state, accumulation and
 everything elementwise stay float32.
 

@@ -20,21 +20,31 @@ __all__ = ["ACTS", "PRECISIONS", "WARPS", "mlp2_chunk", "precision"]
 
 ACTS = {"gelu": 0, "silu": 1}
 
-def _kernel_precision(prec: str, bc: int) -> str:
-    """``prec``, except TF32 (finer than bf16) for blocks of 64 tokens: there the bf16 kernels
-    hit an illegal memory access with Triton 3.6 on an H200 (``benchmarks/fused_diag.py
-    --chunks 64 --precisions bf16``), while TF32 and IEEE ran."""
-    return "tf32" if prec == "bf16" and bc >= 64 else prec
+def _kernel_precision(prec: str, bc: int, bh: int) -> str:
+    """``prec`` for a kernel on blocks of ``bc`` tokens and ``bh`` hidden units, except TF32
+    (finer than bf16) for bf16 on blocks of 64 tokens with a hidden block under 64: there the
+    bf16 write kernel hits an illegal memory access with Triton 3.6 on an H200 (hidden blocks of
+    16 and 32), while hidden blocks of 64 ran and matched TF32 to bf16's rounding
+    (``benchmarks/bf16_probe.py``; ``benchmarks/fused_diag.py --chunks 64 --blocks 32,64`` times them)."""
+    return "tf32" if prec == "bf16" and bc >= 64 and bh < 64 else prec
 
 
-def _blocks(C: int, hidden: int, kind: str = "backward") -> tuple[int, int, int]:
+def _blocks(C: int, hidden: int, kind: str = "backward", prec: str = "tf32") -> tuple[int, int, int]:
     """(token block, hidden block of the per-block kernels of ``kind`` (``write`` or
-    ``backward``, ``BLOCKS``), hidden step of the read loop)."""
+    ``backward``) for operands in ``prec``, hidden step of the read loop)."""
     bc = max(16, triton.next_power_of_2(C))
-    want = (BLOCKS_SMALL if bc <= 16 else BLOCKS)[kind]
+    want = _block_table(bc, prec)[kind]
     bh = want if hidden % want == 0 else (32 if hidden % 32 == 0 else 16)
     br = 64 if hidden % 64 == 0 else (32 if hidden % 32 == 0 else 16)
     return bc, bh, br
+
+
+def _block_table(bc: int, prec: str) -> dict:
+    """``BLOCKS_SMALL`` for blocks of 16 tokens, ``BLOCKS_BF16_64`` for bf16 on blocks of 64 (the
+    only hidden blocks whose bf16 kernels run there, ``_kernel_precision``), else ``BLOCKS``."""
+    if bc <= 16:
+        return BLOCKS_SMALL
+    return BLOCKS_BF16_64 if bc >= 64 and prec == "bf16" else BLOCKS
 
 
 PRECISIONS = ("bf16", "tf32", "ieee")
@@ -60,13 +70,15 @@ def _tuning(name: str, defaults: dict, allowed: tuple[int, ...]) -> dict:
 # Warps per program of each kernel (the backward's finish kernel uses "read") and hidden units
 # per program of the write kernel and of the backward's per-block kernels (16, 32 or 64; a hidden
 # width they do not divide falls back to 32 or 16): for chunks of 16 tokens or fewer, and for
-# larger ones. The values are the fastest of benchmarks/fused_diag.py's sweep on an H200
-# (benchmarks/RESULTS.md); the environment variables override both sets.
+# larger ones (and bf16 on blocks of 64 tokens, where only hidden blocks of 64 run). The values
+# are the fastest of benchmarks/fused_diag.py's sweep on an H200 (benchmarks/RESULTS.md); the
+# environment variables override every set.
 _W, _B = (1, 2, 4, 8, 16), (16, 32, 64)
 WARPS_SMALL = _tuning("NLC_FUSED_WARPS", {"read": 8, "write": 4, "sums": 2, "weights": 4}, _W)
 WARPS = _tuning("NLC_FUSED_WARPS", {"read": 4, "write": 4, "sums": 4, "weights": 4}, _W)
 BLOCKS_SMALL = _tuning("NLC_FUSED_BLOCKS", {"write": 64, "backward": 32}, _B)
 BLOCKS = _tuning("NLC_FUSED_BLOCKS", {"write": 32, "backward": 32}, _B)
+BLOCKS_BF16_64 = _tuning("NLC_FUSED_BLOCKS", {"write": 64, "backward": 64}, _B)
 
 
 def _read_mode() -> int:
@@ -437,8 +449,8 @@ def mlp2_chunk(
     """
     N, C, D = k.shape
     HD = w1.shape[-2]
-    bc, bh, br = _blocks(C, HD, "write")
-    prec = _kernel_precision(prec, bc)
+    bc, bh, br = _blocks(C, HD, "write", prec)
+    prec_r, prec_w = _kernel_precision(prec, bc, br), _kernel_precision(prec, bc, bh)
     k, v, q, w1, w2, cw, gam = (t.contiguous() for t in (k, v, q, w1, w2, cw, gam))
     yq, e = torch.empty_like(k), torch.empty_like(k)
     w1e, w2e = torch.empty_like(w1), torch.empty_like(w2)
@@ -451,12 +463,12 @@ def mlp2_chunk(
     with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
         mode = _read_mode()
         _read_kernel[(N, 2 if mode == 2 else 1)](
-            k, v, q, w1, w2, yq, e, C, HD, D, bc, br, ACTS[act], residual, mode, prec,
+            k, v, q, w1, w2, yq, e, C, HD, D, bc, br, ACTS[act], residual, mode, prec_r,
             num_warps=_warps(bc)["read"],
         )  # fmt: skip
         _write_kernel[(N, HD // bh)](
             k, e, w1, w2, s1, s2, cw, cs, gam, dd, bb, w1e, w2e, s1e, s2e,
-            C, HD, D, bc, bh, ACTS[act], momentum, prec, num_warps=_warps(bc)["write"],
+            C, HD, D, bc, bh, ACTS[act], momentum, prec_w, num_warps=_warps(bc)["write"],
         )  # fmt: skip
     if not momentum:
         s1e, s2e = k.new_empty(0), k.new_empty(0)
@@ -510,8 +522,8 @@ def mlp2_chunk_backward(
     """
     N, C, D = k.shape
     HD = w1.shape[-2]
-    bc, bh, _ = _blocks(C, HD)
-    prec = _kernel_precision(prec, bc)
+    bc, bh, br = _blocks(C, HD, "backward", prec)
+    prec_r, prec = _kernel_precision(prec, bc, br), _kernel_precision(prec, bc, bh)
     nj = HD // bh
     k, v, q, w1, w2, cw, gam, gyq, gw1, gw2 = (
         t.contiguous() for t in (k, v, q, w1, w2, cw, gam, gyq, gw1, gw2)
@@ -543,7 +555,7 @@ def mlp2_chunk_backward(
     a = ACTS[act]
     with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
         _read_kernel[(N,)](
-            k, v, q, w1, w2, e, e, C, HD, D, bc, _blocks(C, HD)[2], a, residual, 0, prec,
+            k, v, q, w1, w2, e, e, C, HD, D, bc, br, a, residual, 0, prec_r,
             num_warps=_warps(bc)["read"],
         )  # fmt: skip
         _bwd_sums_kernel[(N, nj)](

@@ -87,8 +87,8 @@ def mlp2_sequence(
     """
     n, N, C, D = k.shape
     HD = w1.shape[-2]
-    bc, bh, br = _blocks(C, HD, "write")
-    prec = _kernel_precision(prec, bc)
+    bc, bh, br = _blocks(C, HD, "write", prec)
+    prec_r, prec_w = _kernel_precision(prec, bc, br), _kernel_precision(prec, bc, bh)
     a = ACTS[act]
     read = _read_mode()
     k, v, q, cw, gam = (t.contiguous() for t in (k, v, q, cw, gam))
@@ -113,11 +113,11 @@ def mlp2_sequence(
             m1, m2 = (s1e, s2e) if last else (s1s[c + 1], s2s[c + 1])
             _k._read_kernel[(N, 2 if read == 2 else 1)](
                 k[c], v[c], q[c], w1s[c], w2s[c], yq[c], e[c],
-                C, HD, D, bc, br, a, residual, read, prec, num_warps=_warps(bc)["read"],
+                C, HD, D, bc, br, a, residual, read, prec_r, num_warps=_warps(bc)["read"],
             )  # fmt: skip
             _k._write_kernel[(N, HD // bh)](
                 k[c], e[c], w1s[c], w2s[c], s1s[c], s2s[c], cw[c], cs[c], gam[c], dd[c], bb[c],
-                o1, o2, m1, m2, C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["write"],
+                o1, o2, m1, m2, C, HD, D, bc, bh, a, momentum, prec_w, num_warps=_warps(bc)["write"],
             )  # fmt: skip
     if not momentum:
         s1e, s2e, s1s, s2s = (k.new_empty(0) for _ in range(4))
@@ -169,8 +169,8 @@ def mlp2_sequence_backward(
     momentum ones are empty ``[0]`` tensors without momentum)."""
     n, N, C, D = k.shape
     HD = w1s.shape[-2]
-    bc, bh, _ = _blocks(C, HD)
-    prec = _kernel_precision(prec, bc)
+    bc, bh, _ = _blocks(C, HD, "backward", prec)
+    prec = _kernel_precision(prec, bc, bh)
     nj = HD // bh
     a = ACTS[act]
     k, q, e, cw, gam, gyq, gw1, gw2 = (
