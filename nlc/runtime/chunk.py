@@ -458,7 +458,11 @@ def _apply_rule(
     C: int,
     dtype: torch.dtype,
     fwd: Callable | None,
+    y_keys: Tensor | None = None,
 ):
+    """The rule over one chunk from its per-token gradients. ``y_keys``: the memory at ``W_0`` on
+    the keys, when the caller has it; a chunk read whose queries are the keys returns it instead
+    of computing the same forward again."""
     momentum = rule.uses_momentum
     n = len(W0)
     if rule.is_dgd:
@@ -494,6 +498,8 @@ def _apply_rule(
 
     if q is None:
         y = None
+    elif read == "chunk" and y_keys is not None:
+        y = y_keys
     elif read == "chunk":
         y = fwd(W0, q) if fwd is not None else forward(spec, W0, q)
     elif fwd is None:
@@ -576,7 +582,8 @@ def chunk_step(
         moms0: chunk-start momentum states (same shapes), ``None`` for rules without momentum
             (zeros are used when a momentum rule gets ``None``).
         k, target: keys ``[B, H, C, din]`` and targets ``[B, H, C, dout]`` of the inner loss.
-        q: queries ``[B, H, C, din]`` (``None``: no read).
+        q: queries ``[B, H, C, din]`` (``None``: no read). The keys themselves (``q is k``, a
+            level with ``let query = key``): a chunk read is then the inner loss's own forward.
         eta, alpha, beta: per-token gates ``[B, H, C]`` (anything broadcastable is accepted).
             ``alpha=None`` means 1 (no decay); ``beta`` is required iff the rule has momentum.
         read: ``chunk`` (every token reads ``W_0``) or ``causal`` (token t reads ``W_t``).
@@ -590,12 +597,15 @@ def chunk_step(
             f"no closed form for ({spec.kind}, {objective}); use chunk_step_autograd"
         )
     _check_shapes(spec, weights0, moms0, k, target, q, read)
+    reads_keys = q is k  # the level reads at its keys (`let query = key`): one forward serves both
     dt, W0, S0, k, target, q, eta, alpha, beta = _prepare(
         weights0, moms0, k, target, q, eta, alpha, beta, rule
     )
+    if reads_keys:
+        q = k
     if _fused.applies(spec, objective, rule, read, q, k, dt, [*W0, *(S0 or ())]):
         return _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt)
-    _, a_list, u_list = forward_backward(spec, W0, k, target, objective, huber_delta)
+    y_k, a_list, u_list = forward_backward(spec, W0, k, target, objective, huber_delta)
     grads = [_Factored(u, a) for u, a in zip(u_list, a_list)]
     return _apply_rule(
         spec,
@@ -612,6 +622,7 @@ def chunk_step(
         k.shape[-2],
         dt,
         None,
+        y_k if reads_keys else None,
     )
 
 

@@ -99,16 +99,36 @@ def _record(sequence_ran: bool) -> None:
 
 
 def _slice(xs, a: int, b: int):
-    return tuple(x[..., a:b, :] for x in xs)
+    """Tokens ``[a, b)`` of every tensor of ``xs``; a tensor that is in ``xs`` twice is cut once."""
+    xs, where = _distinct(xs)
+    cut = [x[..., a:b, :] for x in xs]
+    return tuple(cut[j] for j in where)
+
+
+def _distinct(xs: tuple) -> tuple[tuple, list[int]]:
+    """``xs`` without repeats (by identity) and the position of each of ``xs`` in it, so that a flow
+    passed twice (``let query = key``) is sliced once and reaches the chunk step as one tensor
+    (``chunk_step`` reuses the keys' forward for such a read)."""
+    out: list = []
+    where: list[int] = []
+    for x in xs:
+        j = next((i for i, u in enumerate(out) if u is x), None)
+        if j is None:
+            j = len(out)
+            out.append(x)
+        where.append(j)
+    return tuple(out), where
 
 
 def _pieces(xs, a: int, b: int, C: int) -> list[tuple]:
     """The chunks of tokens ``[a, b)`` of every tensor of ``xs``, one tuple per chunk (the last may
     be partial). One ``split`` per tensor, so the backward joins the chunk gradients with one
-    concatenation instead of one full-length zero-padded gradient per chunk."""
+    concatenation instead of one full-length zero-padded gradient per chunk. A tensor that is
+    in ``xs`` twice is split once: its chunks are the same objects in both places."""
+    xs, where = _distinct(xs)
     T = xs[0].shape[-2]
     seg = xs if (a, b) == (0, T) else _slice(xs, a, b)
-    return list(zip(*(x.split(C, dim=-2) for x in seg)))
+    return [tuple(p[j] for j in where) for p in zip(*(x.split(C, dim=-2) for x in seg))]
 
 
 def _use_scan() -> bool:
@@ -159,10 +179,11 @@ def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int
 def _scan(step: Step, state, xs: tuple, n: int, C: int):
     from torch._higher_order_ops.scan import scan
 
+    xs, where = _distinct(xs)  # a flow passed twice is one input of the scan
     stacked = tuple(x.unflatten(-2, (n, C)).movedim(-3, 0) for x in xs)  # [n, ..., C, w] (views)
     # a fresh contiguous carry: scan may not alias its inputs
     state = pytree.tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), state)
-    state, y = scan(lambda s, x: step(s, x), state, stacked)
+    state, y = scan(lambda s, x: step(s, tuple(x[j] for j in where)), state, stacked)
     return state, _ContiguousGrad.apply(y).movedim(0, -3).flatten(-3, -2)
 
 

@@ -57,3 +57,80 @@ def test_keep_states_returns_every_chunk_start():
     assert len(kept) == 3 and y.shape == (1, 10, 2)
     assert torch.equal(kept[0][0][0], w0)
     assert torch.allclose(kept[1][0][0], torch.ones(1, 2))
+
+
+# ---- a flow passed twice (`let query = key`) --------------------------------------------------
+
+
+def test_a_flow_passed_twice_stays_one_tensor_in_every_piece():
+    x, v = torch.randn(2, 10, 3), torch.randn(2, 10, 3)
+    seen = []
+
+    def step(state, xs):
+        k, val, q = xs
+        seen.append((k is q, k is val))
+        return state, k + val
+
+    run_chunks(step, (), (x, v, x), 10, 4)
+    assert seen == [(True, False)] * 3  # two full chunks and the partial one
+
+
+def _cms_level():
+    from ..codegen.helpers import level_classes, shrink
+    from ..conftest import ROOT
+
+    text = (ROOT / "benchmarks" / "specs" / "cms_level.nl").read_text()
+    text = shrink(text, d=32).replace("period = 512", "period = 8")
+    return level_classes(text)[1]["fast"]
+
+
+def _matmuls(gm) -> int:
+    import operator
+
+    return sum(
+        n.op == "call_function" and n.target in (operator.matmul, torch.matmul, torch.bmm)
+        for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_chunk_read_at_the_keys_reuses_their_forward(monkeypatch, compiled):
+    """A level with ``let query = key`` reads through the inner loss's own forward (no second
+    ``memories.forward``; compiled, fewer products in the traced graph, through torch's scan),
+    with the values and gradients of a separate read."""
+    import nlc.runtime.chunk as chunk_mod
+    import nlc.runtime.chunks as chunks_mod
+
+    calls, products = [], []
+    if not compiled:
+        real_forward = chunk_mod.forward
+        monkeypatch.setattr(chunk_mod, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    T = 20  # two full chunks of 8 and a partial one
+    torch.manual_seed(0)
+    level = _cms_level()().double()
+    x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
+
+    def counting(gm, example_inputs):
+        products.append(_matmuls(gm))
+        return gm
+
+    def run():
+        torch._dynamo.reset()
+        f = torch.compile(level, fullgraph=True, backend=counting) if compiled else level
+        y = f(x)
+        gx, *gp = torch.autograd.grad((y * torch.cos(y)).sum(), [x, *level.parameters()])
+        return y, gx, gp
+
+    y, gx, gp = run()
+    assert calls == []
+    # the same level with the query as its own tensor: a separate read at W_0
+    monkeypatch.setattr(chunks_mod, "_distinct", lambda xs: (tuple(xs), list(range(len(xs)))))
+    y2, gx2, gp2 = run()
+    if compiled:
+        assert len(products) == 2 and 0 < products[0] < products[1], products
+    else:
+        assert calls  # the separate read ran
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx2, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gp, gp2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
