@@ -210,15 +210,21 @@ def memory_flops(spec) -> int:
     return sum(2 * o * i for o, i in spec.weight_shapes())
 
 
-def chunk_step_flops(spec, rule, read: str, C: int, with_query: bool) -> tuple[int, int]:
+def chunk_step_flops(spec, rule, read: str, C: int, with_query: bool, update: bool = True,
+                     reads_keys: bool = False) -> tuple[int, int]:
     """Forward FLOPs of one ``nlc.runtime.chunk.chunk_step`` call for one (sequence, head).
 
     Returns ``(matmul, solve)``: the matrix-product FLOPs (2 per multiply-add; exactly what
     ``torch.utils.flop_counter.FlopCounterMode`` counts for the call) and the FLOPs of the DGD
     unit-triangular solves (``C (C - 1)`` per right-hand side), which FlopCounterMode does not see.
-    Follows the runtime term by term (``docs/benchmarks.md`` lists the terms).
+    Follows the runtime term by term (``docs/benchmarks.md`` lists the terms). ``update=False``:
+    a chunk whose end state nothing reads (the read alone, or the causal read's algebra without
+    the end state); ``reads_keys``: the queries are the keys, and a chunk read is the keys'
+    forward, counted once.
     """
     shapes = spec.weight_shapes()
+    if not update and (not with_query or read == "chunk"):
+        return (2 * C * sum(o * i for o, i in shapes) if with_query else 0), 0
     n = len(shapes)
     mom = rule.uses_momentum
     if rule.is_dgd:
@@ -240,14 +246,15 @@ def chunk_step_flops(spec, rule, read: str, C: int, with_query: bool) -> tuple[i
         if full and p:  # DGD: a a^T, W0 a (and S0 a), the masked gradient term, the solve
             f += 2 * C * C * i + 2 * C * i * o + (2 * C * i * o if mom else 0) + 2 * C * C * i + 2 * C * C * o
             solve += C * (C - 1) * o
-        f += 2 * C * o * i + (2 * C * o * i if p else 0)  # chunk-end weight
-        if mom:
+        if update:
+            f += 2 * C * o * i + (2 * C * o * i if p else 0)  # chunk-end weight
+        if mom and update:
             f += 2 * C * o * i  # chunk-end momentum
         if with_query and read == "causal":  # token t reads W_t, layer by layer
             f += 2 * C * o * i + (2 * C * o * i if mom else 0) + 2 * C * C * (i + o)
             if p:
                 f += 2 * C * C * (i + o)
-    if with_query and read == "chunk":
+    if with_query and read == "chunk" and not reads_keys:
         f += 2 * C * sum(P)  # every token reads the chunk-start memory
     return f, solve
 
@@ -297,6 +304,7 @@ def level_flops(lv, T: int) -> dict:
     included: :func:`count_flops` counts them with the dense parameters.
     """
     from .reference_level import memory_spec, rule_spec
+    from .runtime.chunks import boundaries
 
     H = int(lv.heads)
     C = int(lv.period.every)
@@ -317,20 +325,30 @@ def level_flops(lv, T: int) -> dict:
     if lv.target == "self":
         per_token_reads += sum(memory_flops(s) for s in specs.values())
 
-    def one_chunk(c: int) -> tuple[int, int]:
+    reads_keys = lv.reads_at_keys()
+
+    def one_chunk(c: int, update: bool) -> tuple[int, int]:
         m, s = per_token_reads * c, 0
         for st in lv.states:
             is_read = st.name == read_state
-            fm, fs = chunk_step_flops(specs[st.name], rule, lv.read_mode if is_read else "chunk", c, is_read)
+            fm, fs = chunk_step_flops(specs[st.name], rule, lv.read_mode if is_read else "chunk", c, is_read,
+                                      update, reads_keys and is_read)
             m, s = m + fm, s + fs
         return m, s
 
-    full, rest = divmod(T, C)
-    m, s = one_chunk(C)
-    matmul, solve = full * m, full * s
-    if rest:
-        m, s = one_chunk(rest)
-        matmul, solve = matmul + m, solve + s
+    # the chunks as nlc.runtime.chunks.run_chunks runs them: a level that does not keep its state
+    # across calls skips the update of each chunk whose end state nothing reads (the last one,
+    # and the last one before each reset)
+    persist = lv.reset.mode == "never"
+    reset_every = int(lv.reset.every) if lv.reset.mode == "every" else None
+    segments = boundaries(T, C, reset_every, None)
+    matmul = solve = 0
+    for i, (s0, s1, _, _) in enumerate(segments):
+        dead_end = not persist and (i + 1 == len(segments) or segments[i + 1][2])
+        starts = list(range(s0, s1, C))
+        for j, c0 in enumerate(starts):
+            m, s = one_chunk(min(C, s1 - c0), not (dead_end and j == len(starts) - 1))
+            matmul, solve = matmul + m, solve + s
     return {"matmul": matmul * H, "solve": solve * H}
 
 

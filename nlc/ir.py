@@ -289,6 +289,32 @@ class Level:
     def rule_arg(self, name: str, default=None) -> Hyper | None:
         return dict(self.rule_args).get(name, default)
 
+    def flow_source(self, flow: Flow | None) -> str | None:
+        """What a flow is after following its bindings' plain renames (``let query = key``): the
+        name of the first binding that computes something, ``"@input"`` for the level input, or
+        ``None`` for any other expression."""
+        seen: set[str] = set()
+        while flow is not None and flow.kind == "ref" and flow.name not in seen:
+            seen.add(flow.name)
+            b = self.binding(flow.name)
+            if b is None or b.flow.kind not in ("ref", "input"):
+                return flow.name if b is not None else None
+            flow = b.flow
+        return "@input" if flow is not None and flow.kind == "input" else None
+
+    def reads_at_keys(self) -> bool:
+        """Does the level read its memory at its keys (``let query = key``, or both the level
+        input)? Its chunk read is then the inner loss's own forward (``chunk_step`` with
+        ``q is k``)."""
+        node = self.reads
+        while node is not None and node.kind == "op":
+            node = node.arg
+        if node is None or node.kind != "read":
+            return False
+        key = self.binding("key")
+        key_src = self.flow_source(Flow("ref", name="key")) if key is not None else "@input"
+        return key_src is not None and self.flow_source(node.arg) == key_src
+
     def objective_arg(self, name: str, default=None) -> Hyper | None:
         return dict(self.objective_args).get(name, default)
 

@@ -310,7 +310,7 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     cls.class_consts = [("period", str(C)), ("heads", str(H))]
     cls.signature = ("x, start_states=None" if nested_parent is not None else "x") + ", keep_chunk_states=False"
     momentum = lv.rule == "momentum" or (lv.rule == "dgd" and lv.rule_arg("momentum") is not None)
-    em.locals = Namespace({"self", "state", "xs", "states", "moms", "y", "target"})
+    em.locals = Namespace({"self", "state", "xs", "update", "states", "moms", "y", "target"})
     # memories of one shape (self-modifying Titans: k, v, η, α and the memory) are stacked along
     # the batch axis and updated by one chunk_step: one set of kernels instead of one per memory
     S = len(lv.states)
@@ -367,6 +367,9 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
 
     key, value = role("key"), role("value")
     query = em.emit(read_arg, "chunk", "query")
+    # `let query = key`: the keys' tensor is passed as the queries too, and chunk_step's read is
+    # then the inner loss's own forward
+    shared_keys = lv.reads_at_keys()
 
     def gate(name: str) -> str:
         h = lv.rule_arg(name)
@@ -394,10 +397,14 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         upd.append(Line(f"# rule {lv.rule} for all {S} memories at once: closed-form inner gradients at the "
                         "chunk-start state", 0, _line_comment(program, lv.clause_span("rule"))))
         tiled = [f"nl_flows.tile({g}, {S})" if g != "None" else "None" for g in (eta, alpha, beta)]
+        keys = f"nl_flows.tile(nl_flows.heads({key}, {H}), {S})"
+        queries = f"nl_flows.tile(nl_flows.heads({query}, {H}), {S})"
+        if shared_keys:
+            queries = keys = em.locals("keys")
+            upd.append(Line(f"{keys} = nl_flows.tile(nl_flows.heads({key}, {H}), {S})  # also the queries"))
         upd.append(Line(
             f"y, {w}, {ws if momentum else '_'} = nl_chunk.chunk_step({em.batch_spec}, {lv.objective!r}, {rule_c}, "
-            f"{w}, {ws}, nl_flows.tile(nl_flows.heads({key}, {H}), {S}), target, "
-            f"nl_flows.tile(nl_flows.heads({query}, {H}), {S}), {', '.join(tiled)}{read_kw}{obj_args})"))
+            f"{w}, {ws}, {keys}, target, {queries}, {', '.join(tiled)}{read_kw}{obj_args}, update=update)"))
         upd.append(Line(f"y = nl_flows.part(y, {em.batch_index[read_state]}, {S})  # what `{read_state}` reads"))
     elif lv.target == "self":
         upd.append(Line("# target self: each memory is trained towards its own view of the values (eq 84-85)"))
@@ -413,18 +420,22 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         upd.append(Line(f"# rule {lv.rule}: closed-form inner gradients at the chunk-start state, exact chunk form",
                         0, _line_comment(program, lv.clause_span("rule"))))
     step_args = {}
+    keys, queries = f"nl_flows.heads({key}, {H})", f"nl_flows.heads({query}, {H})"
+    if shared_keys and not batched:
+        queries = keys = em.locals("keys")
+        upd.append(Line(f"{keys} = nl_flows.heads({key}, {H})  # also the queries: one forward serves both"))
     for st in ([] if batched else lv.states):
         sv = em.state_var[st.name]
         mv = em.mom_var.get(st.name, "None")
         is_read = st.name == read_state
-        q = f"nl_flows.heads({query}, {H})" if is_read else "None"
+        q = queries if is_read else "None"
         read_kw = f", read={lv.read_mode!r}" if is_read and lv.read_mode != "chunk" else ""
         step_args[st.name] = (f"{em.memory_spec(st)}, {lv.objective!r}, {rule_c}, {sv}, {mv}, "
-                              f"nl_flows.heads({key}, {H}), {targets[st.name]}, {q}, {eta}, {alpha}, {beta}"
+                              f"{keys}, {targets[st.name]}, {q}, {eta}, {alpha}, {beta}"
                               f"{read_kw}{obj_args}")
         upd.append(Line(
             f"{'y' if is_read else '_'}, {sv}, {mv if momentum else '_'} = nl_chunk.chunk_step("
-            f"{step_args[st.name]})"))
+            f"{step_args[st.name]}, update=update)"))
     if lv.grad_writes.mode == "stop":
         upd.append(Line("# grad through writes stop: the outer loss does not see the writes"))
         for v in states + moms:
@@ -440,10 +451,11 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         body.append(Line("# flows that read the chunk-start states (paper eq 90)"))
     body += chunk_lines + upd
     body.append(Line(f"return (({unpack_states}), ({', '.join(moms)}{',' if len(moms) == 1 else ''})), y"))
-    cls.methods.append(("chunk", "state, xs", [
+    cls.methods.append(("chunk", "state, xs, update=True", [
         f"One chunk of at most {C} tokens: read at the chunk-start states, then update every state.",
         "", "state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of",
-        "the whole-sequence flows, each [B, H', C, w].",
+        "the whole-sequence flows, each [B, H', C, w]. update=False: the read only, for a chunk",
+        "whose end state nothing reads (run_chunks decides); the states come back None.",
         "Returns (the state at the chunk end, y [B, heads, C, w]).",
     ], body))
 
@@ -463,6 +475,8 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
         sv, mv = em.state_var[st.name], em.mom_var.get(st.name, "None")
         seq = [body[0], Line(f"{', '.join(xs_chunk)}{',' if len(xs_chunk) == 1 else ''} = xs  # the whole sequence's "
                              "tokens")]
+        if shared_keys:
+            seq.append(Line(f"{keys} = nl_flows.heads({key}, {H})  # also the queries"))
         seq.append(Line(f"done = nl_chunks.sequence_step({step_args[st.name]}, chunk={C})", 0,
                         _line_comment(program, lv.clause_span("rule"))))
         seq.append(Line("if done is None:"))
@@ -531,6 +545,7 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
     if lv.grad_writes.mode == "truncate":
         kw.append(f"truncate={lv.grad_writes.chunks}")
     kw.append("keep_states=keep_chunk_states")
+    kw.append("final_state=self.persist")  # otherwise no chunk updates a state nothing reads
     kw += kw_seq
     xs = ", ".join(xs_seq) + ("," if len(xs_seq) == 1 else "")
     fwd.append(Line(f"state, out, chunk_states = nl_chunks.run_chunks(self.chunk, state, ({xs}), T, {C}, "

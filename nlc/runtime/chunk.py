@@ -459,10 +459,11 @@ def _apply_rule(
     dtype: torch.dtype,
     fwd: Callable | None,
     y_keys: Tensor | None = None,
+    update: bool = True,
 ):
     """The rule over one chunk from its per-token gradients. ``y_keys``: the memory at ``W_0`` on
     the keys, when the caller has it; a chunk read whose queries are the keys returns it instead
-    of computing the same forward again."""
+    of computing the same forward again. ``update=False``: the read only, ``None`` end states."""
     momentum = rule.uses_momentum
     n = len(W0)
     if rule.is_dgd:
@@ -507,6 +508,8 @@ def _apply_rule(
     else:
         wt = [lay.per_token_weights() for lay in layers]
         y = fwd(wt, q[..., None, :])[..., 0, :]
+    if not update:
+        return y, None, None
     w_end = [lay.end_weight() for lay in layers]
     s_end = [lay.end_momentum() for lay in layers] if momentum else None
     return y, w_end, s_end
@@ -573,7 +576,8 @@ def chunk_step(
     beta: Tensor | None = None,
     read: str = "chunk",
     huber_delta: float = 1.0,
-) -> tuple[Tensor | None, list[Tensor], list[Tensor] | None]:
+    update: bool = True,
+) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None]:
     """One chunk of ``C`` tokens of one memory, closed-form inner gradients.
 
     Args:
@@ -587,6 +591,10 @@ def chunk_step(
         eta, alpha, beta: per-token gates ``[B, H, C]`` (anything broadcastable is accepted).
             ``alpha=None`` means 1 (no decay); ``beta`` is required iff the rule has momentum.
         read: ``chunk`` (every token reads ``W_0``) or ``causal`` (token t reads ``W_t``).
+        update: ``False`` for a chunk whose end state nothing reads (the last chunk of a
+            sequence or of a segment before a reset, ``run_chunks(..., final_state=False)``):
+            the read only (a chunk read is the memory's forward at ``W_0``; no inner gradient),
+            and ``None`` for the end states.
 
     Returns ``(y [B, H, C, dout], weights at chunk end, momentum states at chunk end or None)``.
     All tensors are computed in the promotion of the inputs' dtypes with float32.
@@ -603,8 +611,11 @@ def chunk_step(
     )
     if reads_keys:
         q = k
+    if not update and (q is None or read == "chunk"):
+        return (forward(spec, W0, q) if q is not None else None), None, None
     if _fused.applies(spec, objective, rule, read, q, k, dt, [*W0, *(S0 or ())]):
-        return _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt)
+        y, w_end, s_end = _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt)
+        return (y, w_end, s_end) if update else (y, None, None)
     y_k, a_list, u_list = forward_backward(spec, W0, k, target, objective, huber_delta)
     grads = [_Factored(u, a) for u, a in zip(u_list, a_list)]
     return _apply_rule(
@@ -623,6 +634,7 @@ def chunk_step(
         dt,
         None,
         y_k if reads_keys else None,
+        update,
     )
 
 

@@ -18,7 +18,9 @@ gradients (tested).
 
 The final state is for carrying (detached) and for the state norm: generated code never
 back-propagates through it, and torch's ``scan`` backward rejects some gradients into final
-carries, so do not.
+carries, so do not. A level that does not carry its state asks for none (``final_state=False``):
+the chunks whose end state nothing reads (the last one, and the last one before each reset) are
+then read without their update.
 
 ``sequence``: a level may also hand ``run_chunks`` a whole-sequence step, ``sequence(state, xs)
 -> (state, y)`` or ``None``. Where the sequence is one run of chunks (no reset inside it, no
@@ -138,11 +140,17 @@ def _use_scan() -> bool:
 
 def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int | None = None,
                restart: Callable[[int], Any] | None = None, truncate: int | None = None,
-               keep_states: bool = False, sequence: Callable[[Any, tuple], Any] | None = None):
+               keep_states: bool = False, sequence: Callable[[Any, tuple], Any] | None = None,
+               final_state: bool = True):
     """Apply ``step`` to every chunk; returns ``(final state, y [.., T, w], chunk_states)``.
 
     ``chunk_states`` is the list of chunk-start states when ``keep_states``, else ``[]``.
     ``sequence``: a whole-sequence step tried first (module docstring).
+    ``final_state=False``: the caller does not read the state at the end of the sequence, and its
+    step takes ``update``. A chunk whose end state nothing reads (the last one, and the last one
+    before each reset) then runs as ``step(state, xs, update=False)`` (its read only; the step
+    returns ``(None, y)``), and the state returned is the one at the start of the last chunk (at
+    the end, where ``sequence`` ran).
     """
     ys: list[Tensor] = []
     kept: list = []
@@ -154,25 +162,33 @@ def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int
             state, y = done
             return state, y, kept
     _record(False)
-    for s0, s1, reset, cut in segments:
+    for i, (s0, s1, reset, cut) in enumerate(segments):
         if cut:
             state = detach(state)
         if reset:  # after the cut: a fresh initial state keeps its gradient path to the init
             state = restart(s0)
+        # the segment's end state is read by the next segment unless that one resets, and at the
+        # end of the sequence by the caller if it asks for it (with final_state, every step
+        # updates: the steps of such callers need not take `update`)
+        end_read = final_state or (i + 1 < len(segments) and not segments[i + 1][2])
         n_full = (s1 - s0) // C
         full_end = s0 + n_full * C
-        if n_full >= 2 and _use_scan() and not keep_states:
-            state, y = _scan(step, state, _slice(xs, s0, full_end), n_full, C)
+        n_scan = n_full - (1 if not end_read and full_end == s1 else 0)  # keep a dead last chunk out
+        rest = (full_end - (n_full - n_scan) * C, s1)  # the chunks after the scanned ones
+        if n_scan >= 2 and _use_scan() and not keep_states:
+            state, y = _scan(step, state, _slice(xs, s0, s0 + n_scan * C), n_scan, C)
             ys.append(y)
-            if full_end < s1:  # the last partial chunk, applied at the end of the sequence
-                state, y = step(state, _slice(xs, full_end, s1))
-                ys.append(y)
+            pieces = _pieces(xs, *rest, C) if rest[0] < rest[1] else []
         else:
-            for piece in _pieces(xs, s0, s1, C):  # full chunks, then the partial one if any
-                if keep_states:
-                    kept.append(state)
+            pieces = _pieces(xs, s0, s1, C)  # full chunks, then the partial one if any
+        for j, piece in enumerate(pieces):
+            if keep_states:
+                kept.append(state)
+            if not end_read and j == len(pieces) - 1:
+                _, y = step(state, piece, update=False)
+            else:
                 state, y = step(state, piece)
-                ys.append(y)
+            ys.append(y)
     return state, torch.cat(ys, dim=-2) if len(ys) > 1 else ys[0], kept
 
 

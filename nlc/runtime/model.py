@@ -9,7 +9,9 @@ distributed runtime:
 * ``level_modules(name)`` / ``level_parameters(name)``: the modules and parameters of a level;
 * ``persist_memory``: in-context states kept across calls (test-time learning), off by default;
 * ``reset_memory()``, ``memory_state_dict()`` / ``load_memory_state_dict()``: the kept states;
-* ``nonfinite_levels()``: the levels whose parameters or last states are not finite;
+* ``nonfinite_levels()``: the levels whose parameters or last states are not finite (a level's
+  last state: at the end of its sequence, or at the start of its last chunk where nothing reads
+  the end, ``run_chunks(..., final_state=False)``);
 * ``level_report()``: one row per level for the run's banner.
 
 and the two helpers ``build_optimizers`` uses: :func:`param_groups` and :func:`on_cuda`.

@@ -589,6 +589,28 @@ def test_batch_isolation(mem, rule_name, read):
 
 
 @pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize("rule_name", ["gd", "momentum", "dgd_momentum"])
+@pytest.mark.parametrize("shared_keys", [False, True])
+def test_a_step_without_its_update_reads_the_same(rule_name, read, shared_keys):
+    """``update=False`` (a chunk whose end state nothing reads): the read and its gradients of the
+    full step, and no end states. With the keys as queries too (``q is k``) for a chunk read."""
+    spec, rule = make_spec("res2"), RULES[rule_name]
+    p = make_problem(spec, rule, B=2, H=2, T=5, seed=21)
+    q = p["k"] if shared_keys and read == "chunk" else p["q"]
+    args = (spec, "l2", rule, p["W0"], p["S0"], p["k"], p["v"], q, p["eta"], p["alpha"], p["beta"])
+    y, W, _ = chunk_step(*args, read=read)
+    y0, W0, S0 = chunk_step(*args, read=read, update=False)
+    assert W0 is None and S0 is None and W is not None
+    assert_close(y0, y)
+    leaves = [t for t in (*p["W0"], p["k"], q, p["eta"]) if t.requires_grad]
+    ga = torch.autograd.grad((y0 * y0.cos()).sum(), leaves, allow_unused=True)
+    gb = torch.autograd.grad((y * y.cos()).sum(), leaves, allow_unused=True)
+    for a, b, t in zip(ga, gb, leaves):  # an unused input (eta for a chunk read) as zeros
+        assert_close(torch.zeros_like(t) if a is None else a, torch.zeros_like(t) if b is None else b)
+    assert chunk_step(*args[:7], None, *args[8:], read=read, update=False) == (None, None, None)
+
+
+@pytest.mark.parametrize("read", READS)
 @pytest.mark.parametrize("rule_name", ["gd", "dgd_momentum"])
 def test_shared_initial_state_broadcasts(rule_name, read):
     """A learned initial state [H, out, in] broadcasts over B; its gradient is the sum of the

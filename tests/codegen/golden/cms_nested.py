@@ -130,6 +130,7 @@ class OuterLevel(nn.Module):
             T,
             64,
             keep_states=keep_chunk_states,
+            final_state=self.persist,
             sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
@@ -140,29 +141,32 @@ class OuterLevel(nn.Module):
             return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
         return out
 
-    def chunk(self, state, xs):
+    def chunk(self, state, xs, update=True):
         """One chunk of at most 64 tokens: read at the chunk-start states, then update every state.
 
         state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
-        the whole-sequence flows, each [B, H', C, w].
+        the whole-sequence flows, each [B, H', C, w]. update=False: the read only, for a chunk
+        whose end state nothing reads (run_chunks decides); the states come back None.
         Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (outer,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
         # cms_nested.nl:32  rule gd(lr = 0.01)
         # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        keys = nl_flows.heads(key_c, 1)  # also the queries: one forward serves both
         y, outer, _ = nl_chunk.chunk_step(
             OUTER_MEMORY,
             'l2',
             OUTER_RULE,
             outer,
             None,
-            nl_flows.heads(key_c, 1),
+            keys,
             nl_flows.heads(value_c, 1),
-            nl_flows.heads(query_c, 1),
+            keys,
             0.01,
             None,
             None,
+            update=update,
         )
         return ((outer,), ()), y
 
@@ -172,6 +176,7 @@ class OuterLevel(nn.Module):
         """
         (outer,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
+        keys = nl_flows.heads(key_c, 1)  # also the queries
         # cms_nested.nl:32  rule gd(lr = 0.01)
         done = nl_chunks.sequence_step(
             OUTER_MEMORY,
@@ -179,9 +184,9 @@ class OuterLevel(nn.Module):
             OUTER_RULE,
             outer,
             None,
-            nl_flows.heads(key_c, 1),
+            keys,
             nl_flows.heads(value_c, 1),
-            nl_flows.heads(query_c, 1),
+            keys,
             0.01,
             None,
             None,
@@ -253,6 +258,7 @@ class InnerLevel(nn.Module):
             reset_every=64,
             restart=start,
             keep_states=keep_chunk_states,
+            final_state=self.persist,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
@@ -262,29 +268,32 @@ class InnerLevel(nn.Module):
             return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
         return out
 
-    def chunk(self, state, xs):
+    def chunk(self, state, xs, update=True):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
         state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
-        the whole-sequence flows, each [B, H', C, w].
+        the whole-sequence flows, each [B, H', C, w]. update=False: the read only, for a chunk
+        whose end state nothing reads (run_chunks decides); the states come back None.
         Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (inner,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
         # cms_nested.nl:41  rule gd(lr = 0.01)
         # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        keys = nl_flows.heads(key_c, 1)  # also the queries: one forward serves both
         y, inner, _ = nl_chunk.chunk_step(
             INNER_MEMORY,
             'l2',
             INNER_RULE,
             inner,
             None,
-            nl_flows.heads(key_c, 1),
+            keys,
             nl_flows.heads(value_c, 1),
-            nl_flows.heads(query_c, 1),
+            keys,
             0.01,
             None,
             None,
+            update=update,
         )
         return ((inner,), ()), y
 

@@ -127,6 +127,7 @@ class TitansLevel(nn.Module):
             T,
             16,
             keep_states=keep_chunk_states,
+            final_state=self.persist,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
         if self.persist:
@@ -137,11 +138,12 @@ class TitansLevel(nn.Module):
             return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
         return out
 
-    def chunk(self, state, xs):
+    def chunk(self, state, xs, update=True):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
         state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
-        the whole-sequence flows, each [B, H', C, w].
+        the whole-sequence flows, each [B, H', C, w]. update=False: the read only, for a chunk
+        whose end state nothing reads (run_chunks decides); the states come back None.
         Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (w,), _ = state
@@ -172,6 +174,7 @@ class TitansLevel(nn.Module):
             nl_flows.tile(nl_flows.gate(lr_c, 4), 5),
             nl_flows.tile(nl_flows.gate(retain_c, 4), 5),
             None,
+            update=update,
         )
         y = nl_flows.part(y, 0, 5)  # what `mem` reads
         return ((w,), ()), y
@@ -234,6 +237,7 @@ class FastLevel(nn.Module):
             T,
             16,
             keep_states=keep_chunk_states,
+            final_state=self.persist,
             sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
@@ -244,29 +248,32 @@ class FastLevel(nn.Module):
             return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
         return out
 
-    def chunk(self, state, xs):
+    def chunk(self, state, xs, update=True):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
         state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
-        the whole-sequence flows, each [B, H', C, w].
+        the whole-sequence flows, each [B, H', C, w]. update=False: the read only, for a chunk
+        whose end state nothing reads (run_chunks decides); the states come back None.
         Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (fast,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
         # hope.nl:56  rule gd(lr = 0.0025)
         # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        keys = nl_flows.heads(key_c, 1)  # also the queries: one forward serves both
         y, fast, _ = nl_chunk.chunk_step(
             FAST_MEMORY,
             'l2',
             FAST_RULE,
             fast,
             None,
-            nl_flows.heads(key_c, 1),
+            keys,
             nl_flows.heads(value_c, 1),
-            nl_flows.heads(query_c, 1),
+            keys,
             0.0025,
             None,
             None,
+            update=update,
         )
         return ((fast,), ()), y
 
@@ -276,6 +283,7 @@ class FastLevel(nn.Module):
         """
         (fast,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
+        keys = nl_flows.heads(key_c, 1)  # also the queries
         # hope.nl:56  rule gd(lr = 0.0025)
         done = nl_chunks.sequence_step(
             FAST_MEMORY,
@@ -283,9 +291,9 @@ class FastLevel(nn.Module):
             FAST_RULE,
             fast,
             None,
-            nl_flows.heads(key_c, 1),
+            keys,
             nl_flows.heads(value_c, 1),
-            nl_flows.heads(query_c, 1),
+            keys,
             0.0025,
             None,
             None,
@@ -351,6 +359,7 @@ class MidLevel(nn.Module):
             T,
             64,
             keep_states=keep_chunk_states,
+            final_state=self.persist,
             sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
@@ -361,29 +370,32 @@ class MidLevel(nn.Module):
             return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
         return out
 
-    def chunk(self, state, xs):
+    def chunk(self, state, xs, update=True):
         """One chunk of at most 64 tokens: read at the chunk-start states, then update every state.
 
         state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
-        the whole-sequence flows, each [B, H', C, w].
+        the whole-sequence flows, each [B, H', C, w]. update=False: the read only, for a chunk
+        whose end state nothing reads (run_chunks decides); the states come back None.
         Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (mid,), _ = state
         key_c, value_c, query_c = xs  # this chunk's tokens
         # hope.nl:65  rule gd(lr = 0.000625)
         # rule gd: closed-form inner gradients at the chunk-start state, exact chunk form
+        keys = nl_flows.heads(key_c, 1)  # also the queries: one forward serves both
         y, mid, _ = nl_chunk.chunk_step(
             MID_MEMORY,
             'l2',
             MID_RULE,
             mid,
             None,
-            nl_flows.heads(key_c, 1),
+            keys,
             nl_flows.heads(value_c, 1),
-            nl_flows.heads(query_c, 1),
+            keys,
             0.000625,
             None,
             None,
+            update=update,
         )
         return ((mid,), ()), y
 
@@ -393,6 +405,7 @@ class MidLevel(nn.Module):
         """
         (mid,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
+        keys = nl_flows.heads(key_c, 1)  # also the queries
         # hope.nl:65  rule gd(lr = 0.000625)
         done = nl_chunks.sequence_step(
             MID_MEMORY,
@@ -400,9 +413,9 @@ class MidLevel(nn.Module):
             MID_RULE,
             mid,
             None,
-            nl_flows.heads(key_c, 1),
+            keys,
             nl_flows.heads(value_c, 1),
-            nl_flows.heads(query_c, 1),
+            keys,
             0.000625,
             None,
             None,

@@ -138,6 +138,7 @@ class MemoryLevel(nn.Module):
             T,
             16,
             keep_states=keep_chunk_states,
+            final_state=self.persist,
             sequence=self.sequence,
         )
         self.state_sq.copy_(nl_flows.sq_norm(*state[0]))
@@ -149,11 +150,12 @@ class MemoryLevel(nn.Module):
             return out, [s[0][0] for s in chunk_states]  # chunk-start weights of the first state
         return out
 
-    def chunk(self, state, xs):
+    def chunk(self, state, xs, update=True):
         """One chunk of at most 16 tokens: read at the chunk-start states, then update every state.
 
         state: ((weights of each state), (momentum of each state)); xs: this chunk's slices of
-        the whole-sequence flows, each [B, H', C, w].
+        the whole-sequence flows, each [B, H', C, w]. update=False: the read only, for a chunk
+        whose end state nothing reads (run_chunks decides); the states come back None.
         Returns (the state at the chunk end, y [B, heads, C, w]).
         """
         (memory,), (memory_s,) = state
@@ -172,6 +174,7 @@ class MemoryLevel(nn.Module):
             nl_flows.gate(theta_c, 4),
             nl_flows.gate(retain_c, 4),
             nl_flows.gate(eta_c, 4),
+            update=update,
         )
         return ((memory,), (memory_s,)), y
 
