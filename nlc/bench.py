@@ -287,7 +287,7 @@ def _depends_on_state(lv, flow, memo: dict) -> bool:
     return False
 
 
-def level_flops(lv, T: int) -> dict:
+def level_flops(lv, T: int, persist: bool | None = None) -> dict:
     """Forward inner-loop FLOPs of one in-context level over one sequence of ``T`` tokens.
 
     Counted from the IR the way the generated code computes the level (``nlc.lower.levels``):
@@ -297,7 +297,13 @@ def level_flops(lv, T: int) -> dict:
     * ``target self``: each memory's forward on the values;
     * each state: one ``chunk_step`` (:func:`chunk_step_flops`): the memory's forward on the
       keys, its closed-form backward, the rule's chunk algebra, the chunk-end state, and for the
-      state the level reads, the read of the queries.
+      state the level reads, the read of the queries (none apart where the queries are the keys,
+      ``Level.reads_at_keys``);
+    * a chunk whose end state nothing reads (the last one, and the last one before each reset, of
+      a level that does not keep its state: ``persist``, by default the level's ``reset never``):
+      its reads only, as ``run_chunks(..., final_state=False)`` runs it. Where a whole-sequence
+      op runs the level (``nlc.runtime.chunks.sequence_step``) it updates that chunk too, and
+      the count is the level's need, below what runs.
 
     Returns ``{"matmul": int, "solve": int}`` for the whole sequence and one sequence (multiply
     by the batch). The level's projections, convolutions and output (ordinary parameters) are not
@@ -336,10 +342,11 @@ def level_flops(lv, T: int) -> dict:
             m, s = m + fm, s + fs
         return m, s
 
-    # the chunks as nlc.runtime.chunks.run_chunks runs them: a level that does not keep its state
-    # across calls skips the update of each chunk whose end state nothing reads (the last one,
-    # and the last one before each reset)
-    persist = lv.reset.mode == "never"
+    # the chunks as nlc.runtime.chunks.run_chunks's loop runs them: a level that does not keep
+    # its state across calls skips the update of each chunk whose end state nothing reads (the
+    # last one, and the last one before each reset)
+    if persist is None:
+        persist = lv.reset.mode == "never"
     reset_every = int(lv.reset.every) if lv.reset.mode == "every" else None
     segments = boundaries(T, C, reset_every, None)
     matmul = solve = 0

@@ -613,9 +613,8 @@ def chunk_step(
         q = k
     if not update and (q is None or read == "chunk"):
         return (forward(spec, W0, q) if q is not None else None), None, None
-    if _fused.applies(spec, objective, rule, read, q, k, dt, [*W0, *(S0 or ())]):
-        y, w_end, s_end = _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt)
-        return (y, w_end, s_end) if update else (y, None, None)
+    if _fused.applies(spec, objective, rule, read, q, k, dt, [*W0, *(S0 or ())]):  # a chunk read:
+        return _fused_step(spec, rule, W0, S0, k, target, q, eta, alpha, beta, dt)  # update is on
     y_k, a_list, u_list = forward_backward(spec, W0, k, target, objective, huber_delta)
     grads = [_Factored(u, a) for u, a in zip(u_list, a_list)]
     return _apply_rule(

@@ -148,9 +148,9 @@ def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int
     ``sequence``: a whole-sequence step tried first (module docstring).
     ``final_state=False``: the caller does not read the state at the end of the sequence, and its
     step takes ``update``. A chunk whose end state nothing reads (the last one, and the last one
-    before each reset) then runs as ``step(state, xs, update=False)`` (its read only; the step
-    returns ``(None, y)``), and the state returned is the one at the start of the last chunk (at
-    the end, where ``sequence`` ran).
+    before each reset) then runs as ``step(state, xs, update=False)`` (its read only; the state
+    that step returns is not used), and the state returned is the one at the start of the last
+    chunk (at the end, where ``sequence`` ran: a whole-sequence op updates every chunk).
     """
     ys: list[Tensor] = []
     kept: list = []

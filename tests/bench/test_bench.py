@@ -181,6 +181,23 @@ def test_inner_loop_of_a_level_matches_flop_counter(monkeypatch, spec, level, ex
         assert f["solve"] > 0  # dgd: the C x C triangular solves are counted apart
 
 
+@pytest.mark.parametrize("persist", [False, True])
+def test_inner_loop_count_follows_the_level_persistence(persist):
+    """A level that keeps its state (``persist``: test-time learning) updates its last chunk too;
+    one that does not, reads it only: ``level_flops(..., persist=)`` counts each exactly."""
+    loaded = bench.load_spec(EX / "titans_lmm.nl", bench.parse_dims(TINY))
+    lv = loaded.program.level("memory")
+    torch.manual_seed(0)
+    m = loaded.level_classes()["memory"]()
+    m.persist = persist
+    B, T = 2, 2 * int(lv.period.every) + 5
+    x = torch.randn(B, T, 32)
+    inner = not_attention(counted(lambda: m(x))) - 2 * bench_level_dense(m) * B * T
+    assert inner == bench.level_flops(lv, T, persist=persist)["matmul"] * B
+    if not persist:
+        assert bench.level_flops(lv, T) == bench.level_flops(lv, T, persist=False)
+
+
 def decay_backward_flops(monkeypatch) -> list[int]:
     """A one-item list that sums the matmul FLOPs of the decay products' closed-form backward
     calls from now on (``P^T dP``: ``2 n^3``; the chunk-end row's ``2 (n-1) n``, per batch row)."""
