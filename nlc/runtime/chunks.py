@@ -129,7 +129,7 @@ def _pieces(xs, a: int, b: int, C: int) -> list[tuple]:
     in ``xs`` twice is split once: its chunks are the same objects in both places."""
     xs, where = _distinct(xs)
     T = xs[0].shape[-2]
-    seg = xs if (a, b) == (0, T) else _slice(xs, a, b)
+    seg = xs if (a, b) == (0, T) else tuple(x[..., a:b, :] for x in xs)  # distinct already
     return [tuple(p[j] for j in where) for p in zip(*(x.split(C, dim=-2) for x in seg))]
 
 
