@@ -8,8 +8,7 @@ the same for the write and the backward kernels): the microseconds per call of e
 (CUDA time from the profiler, averaged over calls), and each compiled kernel's registers and
 spills. Then, per chunk size and precision, the fastest setting of each kernel, as the
 ``NLC_FUSED_WARPS`` and ``NLC_FUSED_BLOCKS`` values that select it (``benchmarks/level_diag.py``
-times a level with them). ``NLC_FUSED_BWD_SPLIT=0`` times the backward's sums and weights
-kernels in one program per block instead of two. ``N`` memories (batch x heads) of a depth-2 residual MLP with
+times a level with them). ``N`` memories (batch x heads) of a depth-2 residual MLP with
 momentum, the Titans configuration of ``specs/titans_memory.nl`` at B8 x 8 heads.
 """
 
@@ -28,10 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nlc.runtime import fused
 
 KERNELS = ("_read_kernel", "_write_kernel", "_bwd_sums_kernel", "_bwd_weights_kernel")
-# the backward's kernels in two programs per block (the default; NLC_FUSED_BWD_SPLIT=0: one),
-# reported under the names above
-SPLIT = {"_bwd_sums_split_kernel": "_bwd_sums_kernel",
-         "_bwd_weights_split_kernel": "_bwd_weights_kernel"}
 
 
 def compiled_stats(fn):
@@ -98,21 +93,19 @@ def main():
                     torch.cuda.synchronize()
                 per = {}
                 for ev in p.key_averages():
-                    name = SPLIT.get(ev.key, ev.key)
-                    if name in KERNELS:
-                        per[name] = round(ev.device_time_total / ev.count, 1)
-                row = {"C": C, "prec": prec, "warps": warps, "blocks": bh,
-                       "bwd_split": fused.mlp2._bwd_split(), "us_per_call": per,
+                    if ev.key in KERNELS:
+                        per[ev.key] = round(ev.device_time_total / ev.count, 1)
+                row = {"C": C, "prec": prec, "warps": warps, "blocks": bh, "us_per_call": per,
                        "fwd+bwd_us": round(sum(per.values()) + per.get("_read_kernel", 0), 1)}
                 print(json.dumps(row), flush=True)
                 results.append(row)
-    stats = {name: compiled_stats(getattr(fused.mlp2, name)) for name in (*KERNELS, *SPLIT)}
+    stats = {name: compiled_stats(getattr(fused.mlp2, name)) for name in KERNELS}
     print(json.dumps({"regs_spills": stats}), flush=True)
     best = fastest(results)
     for b in best:
         print(json.dumps(b), flush=True)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], os.environ.get("FUSED_DIAG_JSON", "fused_diag.json")).write_text(
+        Path(os.environ["OUT"], "fused_diag.json").write_text(
             json.dumps({"results": results, "regs_spills": stats, "fastest": best}, indent=1))
 
 

@@ -87,20 +87,6 @@ def _read_mode() -> int:
     return 1 if os.environ.get("NLC_FUSED_READ_SPLIT", "1") == "0" else 2
 
 
-def _bwd_split() -> bool:
-    """Whether the backward's sums and weights kernels run in two programs per block of the
-    hidden width (``_bwd_sums_split_kernel``, ``_bwd_weights_split_kernel``; the default) or in
-    one (``NLC_FUSED_BWD_SPLIT=0``, for comparisons)."""
-    return os.environ.get("NLC_FUSED_BWD_SPLIT", "1") != "0"
-
-
-def _bwd_kernels():
-    """``(sums kernel, weights kernel, programs per block)`` of the backward (``_bwd_split``)."""
-    if _bwd_split():
-        return _bwd_sums_split_kernel, _bwd_weights_split_kernel, 2
-    return _bwd_sums_kernel, _bwd_weights_kernel, 1
-
-
 def _warps(bc: int) -> dict:
     return WARPS_SMALL if bc <= 16 else WARPS
 
@@ -386,162 +372,6 @@ if triton is not None:
         tl.store(GQ_P + part, _dot(gzq, w1, PREC), mask=m2)
 
     @triton.jit
-    def _bwd_sums_split_kernel(
-        K, E, W1, W2, GW1, GW2, GS1, GS2, CW, CS, GE_P, GK_P, GCW_P, GCS_P,
-        C,
-        HD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
-        ACT: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr,
-    ):  # fmt: skip
-        """``_bwd_sums_kernel``'s parts in two programs per block, grid ``(N, hidden / BH, 2)``:
-        ``(n, j, 0)`` gives the part of ``gE`` (what the weights kernel waits for), ``(n, j, 1)``
-        those of ``gK_w``, ``gcw`` and ``gcs`` (what only the finish kernel reads). Each program
-        holds about half the tiles, so none spills registers to local memory."""
-        n = tl.program_id(0)
-        jb = tl.program_id(1)
-        j = jb * BH
-        NJ: tl.constexpr = HD // BH
-        rc = tl.arange(0, BC)
-        rd = tl.arange(0, D)
-        rh = tl.arange(0, BH)
-        mc = rc < C
-        m2 = mc[:, None]
-        tok = n * C * D + rc[:, None] * D + rd[None, :]
-        part = (n * NJ + jb) * C * D + rc[:, None] * D + rd[None, :]
-        p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
-        p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
-        k = tl.load(K + tok, mask=m2, other=0.0)
-        cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
-        w1 = tl.load(W1 + p1)
-        h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
-        gw1 = tl.load(GW1 + p1)
-        gw2 = tl.load(GW2 + p2)
-        kg1 = _dot(k, tl.trans(gw1), PREC)
-        hg2 = _dot(h, tl.trans(gw2), PREC)
-        if tl.program_id(2) == 0:
-            gdl = -cw[:, None] * kg1
-            ge = -cw[:, None] * hg2
-            if MOM:
-                cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
-                gdl -= cs[:, None] * _dot(k, tl.trans(tl.load(GS1 + p1)), PREC)
-                ge -= cs[:, None] * _dot(h, tl.trans(tl.load(GS2 + p2)), PREC)
-            w2 = tl.load(W2 + p2)
-            ge += _dot(gdl * d1, tl.trans(w2), PREC)
-            tl.store(GE_P + part, tl.where(m2, ge, 0.0), mask=m2)
-        else:
-            e = tl.load(E + tok, mask=m2, other=0.0)
-            w2 = tl.load(W2 + p2)
-            dl = _dot(e, w2, PREC) * d1
-            gcw = -tl.sum(dl * kg1, axis=1) - tl.sum(e * hg2, axis=1)
-            gk = -_dot(dl * cw[:, None], gw1, PREC)
-            if MOM:
-                cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
-                gs1 = tl.load(GS1 + p1)
-                gs2 = tl.load(GS2 + p2)
-                gcs = -tl.sum(dl * _dot(k, tl.trans(gs1), PREC), axis=1) - tl.sum(
-                    e * _dot(h, tl.trans(gs2), PREC), axis=1
-                )
-                gk -= _dot(dl * cs[:, None], gs1, PREC)
-                tl.store(GCS_P + (n * NJ + jb) * C + rc, gcs, mask=mc)
-            tl.store(GK_P + part, gk, mask=m2)
-            tl.store(GCW_P + (n * NJ + jb) * C + rc, gcw, mask=mc)
-
-    @triton.jit
-    def _bwd_weights_split_kernel(
-        K, Q, E, GE_P, GYQ, W1, W2, GW1, GW2, GS1, GS2, S1, S2, CW, CS, GAM, DD, BB,
-        DW1, DW2, DS1, DS2, GK_P, GQ_P, SC_P,
-        C,
-        HD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
-        ACT: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr,
-    ):  # fmt: skip
-        """``_bwd_weights_kernel``'s outputs in two programs per block, grid
-        ``(N, hidden / BH, 2)``: ``(n, j, 0)`` the first layer's (``dW1``, ``dS1`` and the part
-        of ``gK``), ``(n, j, 1)`` the second's (``dW2``, ``dS2``), the part of ``gQ`` and those of
-        the gates' gradients. Each program holds about half the tiles (no register spills) and
-        the two halves run side by side."""
-        n = tl.program_id(0)
-        jb = tl.program_id(1)
-        j = jb * BH
-        NJ: tl.constexpr = HD // BH
-        rc = tl.arange(0, BC)
-        rd = tl.arange(0, D)
-        rh = tl.arange(0, BH)
-        mc = rc < C
-        m2 = mc[:, None]
-        tok = n * C * D + rc[:, None] * D + rd[None, :]
-        part = (n * NJ + jb) * C * D + rc[:, None] * D + rd[None, :]
-        p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
-        p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
-        k = tl.load(K + tok, mask=m2, other=0.0)
-        cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
-        if MOM:
-            cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
-        gam = tl.load(GAM + n)
-        gw1 = tl.load(GW1 + p1)
-        gdl = -cw[:, None] * _dot(k, tl.trans(gw1), PREC)
-        if MOM:
-            gs1 = tl.load(GS1 + p1)
-            gdl -= cs[:, None] * _dot(k, tl.trans(gs1), PREC)
-        w1 = tl.load(W1 + p1)
-        if tl.program_id(2) == 0:
-            # dW1 = gam GW1 + gZ^T K + gZq^T Q; dS1; gK's part gZ W1. Tiles are loaded where
-            # first used and die early, in this order, to keep few of them live.
-            dw1 = gam * gw1
-            if MOM:
-                tl.store(DS1 + p1, tl.load(DD + n) * gw1 + tl.load(BB + n) * gs1)
-            _, d1, d2 = _act(_dot(k, tl.trans(w1), PREC), ACT)
-            e = tl.load(E + tok, mask=m2, other=0.0)
-            w2 = tl.load(W2 + p2)
-            gz = gdl * _dot(e, w2, PREC) * d2
-            ge = tl.zeros([BC, D], dtype=tl.float32)
-            for i in range(NJ):
-                ge += tl.load(GE_P + (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :],
-                              mask=m2, other=0.0)  # fmt: skip
-            gh = _dot(ge, w2, PREC) - cw[:, None] * _dot(e, tl.load(GW2 + p2), PREC)
-            if MOM:
-                gh -= cs[:, None] * _dot(e, tl.load(GS2 + p2), PREC)
-            gz += gh * d1
-            dw1 += _dot(tl.trans(gz), k, PREC)
-            tl.store(GK_P + part, _dot(gz, w1, PREC), mask=m2)
-            q = tl.load(Q + tok, mask=m2, other=0.0)
-            gyq = tl.load(GYQ + tok, mask=m2, other=0.0)
-            _, dq1, _ = _act(_dot(q, tl.trans(w1), PREC), ACT)
-            gzq = _dot(gyq, w2, PREC) * dq1
-            dw1 += _dot(tl.trans(gzq), q, PREC)
-            tl.store(DW1 + p1, dw1)
-        else:
-            # dW2 = gam GW2 + E^T (gDl * act'(Z)) + gE^T H + gYq^T Hq; dS2; gQ's part gZq W1;
-            # the gates' parts <GW, W>, <GW, S>, <GS, S>
-            h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
-            sc = (n * NJ + jb) * 3
-            sc0 = tl.sum(tl.sum(gw1 * w1, 1), 0)
-            if MOM:
-                s1 = tl.load(S1 + p1)
-                sc1 = tl.sum(tl.sum(gw1 * s1, 1), 0)
-                sc2 = tl.sum(tl.sum(gs1 * s1, 1), 0)
-            e = tl.load(E + tok, mask=m2, other=0.0)
-            gw2 = tl.load(GW2 + p2)
-            dw2 = gam * gw2 + _dot(tl.trans(e), gdl * d1, PREC)
-            ge = tl.zeros([BC, D], dtype=tl.float32)
-            for i in range(NJ):
-                ge += tl.load(GE_P + (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :],
-                              mask=m2, other=0.0)  # fmt: skip
-            dw2 += _dot(tl.trans(ge), h, PREC)
-            q = tl.load(Q + tok, mask=m2, other=0.0)
-            gyq = tl.load(GYQ + tok, mask=m2, other=0.0)
-            hq, dq1, _ = _act(_dot(q, tl.trans(w1), PREC), ACT)
-            dw2 += _dot(tl.trans(gyq), hq, PREC)
-            tl.store(DW2 + p2, dw2)
-            w2 = tl.load(W2 + p2)
-            tl.store(GQ_P + part, _dot(_dot(gyq, w2, PREC) * dq1, w1, PREC), mask=m2)
-            tl.store(SC_P + sc, sc0 + tl.sum(tl.sum(gw2 * w2, 1), 0))
-            if MOM:
-                gs2 = tl.load(GS2 + p2)
-                s2 = tl.load(S2 + p2)
-                tl.store(DS2 + p2, tl.load(DD + n) * gw2 + tl.load(BB + n) * gs2)
-                tl.store(SC_P + sc + 1, sc1 + tl.sum(tl.sum(gw2 * s2, 1), 0))
-                tl.store(SC_P + sc + 2, sc2 + tl.sum(tl.sum(gs2 * s2, 1), 0))
-
-    @triton.jit
     def _bwd_finish_kernel(
         GE_P, GK_P, GK2_P, GQ_P, GCW_P, GCS_P, SC_P, GYQ,
         DK, DV, DQ, DCW, DCS, DGAM, DDD, DBB,
@@ -728,12 +558,11 @@ def mlp2_chunk_backward(
             k, v, q, w1, w2, e, e, C, HD, D, bc, br, a, residual, 0, prec_r,
             num_warps=_warps(bc)["read"],
         )  # fmt: skip
-        sums, weights, parts = _bwd_kernels()
-        sums[(N, nj, parts)](
+        _bwd_sums_kernel[(N, nj)](
             k, e, w1, w2, gw1, gw2, gs1, gs2, cw, cs, ge_p, gk_p, gcw_p, gcs_p,
             C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["sums"],
         )  # fmt: skip
-        weights[(N, nj, parts)](
+        _bwd_weights_kernel[(N, nj)](
             k, q, e, ge_p, gyq, w1, w2, gw1, gw2, gs1, gs2, s1, s2, cw, cs, gam, dd, bb,
             dw1, dw2, ds1, ds2, gk2_p, gq_p, sc_p,
             C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["weights"],

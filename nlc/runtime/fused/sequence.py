@@ -204,7 +204,6 @@ def mlp2_sequence_backward(
     main = torch.cuda.current_stream(k.device) if k.is_cuda else None
     side = _side_stream(k.device) if k.is_cuda and os.environ.get("NLC_FUSED_SIDE", "1") != "0" else None
     freed: list = [None, None]
-    sums, weights, parts_per_block = _k._bwd_kernels()
     g1, g2, h1, h2 = gw1, gw2, gs1, gs2
     with _device(k):
         if side is not None:
@@ -215,11 +214,11 @@ def mlp2_sequence_backward(
             ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p = parts[step % 2]
             if freed[step % 2] is not None:
                 main.wait_event(freed[step % 2])
-            sums[(N, nj, parts_per_block)](
+            _k._bwd_sums_kernel[(N, nj)](
                 k[c], e[c], w1s[c], w2s[c], g1, g2, h1, h2, cw[c], cs[c], ge_p, gk_p, gcw_p, gcs_p,
                 C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["sums"],
             )  # fmt: skip
-            weights[(N, nj, parts_per_block)](
+            _k._bwd_weights_kernel[(N, nj)](
                 k[c], q[c], e[c], ge_p, gyq[c], w1s[c], w2s[c], g1, g2, h1, h2, s1s[c], s2s[c],
                 cw[c], cs[c], gam[c], dd[c], bb[c], o1, o2, p1, p2, gk2_p, gq_p, sc_p,
                 C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["weights"],
