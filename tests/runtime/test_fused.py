@@ -18,6 +18,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from nlc.diagnostics import SettingError
 from nlc.runtime import fused
 from nlc.runtime.chunk import RuleSpec, chunk_step
 from nlc.runtime.memories import MemorySpec
@@ -508,6 +509,32 @@ def test_read_in_one_program_per_memory(monkeypatch, device, kind):
         m.setenv("NLC_FUSED", "0")
         ref_outs, ref_grads = _run(spec, RuleSpec("momentum"), tensors, torch.float64, "cpu")
     _assert_matches(outs, grads, ref_outs, ref_grads)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("group", ["1", "2", "3", "all"])
+def test_inputs_gradients_summed_for_groups_of_chunks(monkeypatch, device, group):
+    """``NLC_FUSED_FINISH_GROUP``: the backward sums the inputs' gradients of several chunks in
+    one launch (one chunk a launch, groups of 2 or 3 of 5 chunks, the last group partial, or all
+    of them) with the same values and gradients as the chunks in float64."""
+    monkeypatch.setenv("NLC_FUSED_FINISH_GROUP", group)
+    assert fused.sequence._finish_group(5) == (5 if group == "all" else int(group))
+    spec = MemorySpec("residual_mlp", 32, 32, hidden=64, depth=2, act="gelu")
+    _check_sequence(monkeypatch, device, spec, RuleSpec("momentum"), True, 16, 80, B=1, H=2, seed=4)
+
+
+def test_a_bad_finish_group_is_a_setting_error(monkeypatch):
+    monkeypatch.setenv("NLC_FUSED_FINISH_GROUP", "0")
+    with pytest.raises(SettingError, match="NLC_FUSED_FINISH_GROUP: expected a positive integer"):
+        fused.sequence._finish_group(4)
+    monkeypatch.setenv("NLC_FUSED_FINISH_GROUP", "9")
+    assert fused.sequence._finish_group(4) == 4
+    monkeypatch.delenv("NLC_FUSED_FINISH_GROUP")
+    budget = fused.sequence.FINISH_PARTS_BYTES
+    assert fused.sequence._finish_group(32, budget // 32) == 32  # all fit: one group
+    assert fused.sequence._finish_group(32, budget // 16) == 8  # two sets of 8 fit
+    assert fused.sequence._finish_group(32, 2 * budget) == 1
 
 
 def test_tuning_settings_come_from_the_environment(monkeypatch):

@@ -12,18 +12,20 @@ sequence inside one op instead:
   chunk's end state straight into the next chunk's start slot of one buffer; it keeps the
   chunk-start states and the errors ``E = M_{W_0}(K) - V`` of every chunk for the backward
   (outputs the caller ignores; they are not differentiable);
-* the backward walks the chunks in reverse with three kernels each (``_bwd_sums_kernel``,
-  ``_bwd_weights_kernel``, ``_bwd_finish_kernel``: the saved ``E`` spares the fourth, the
-  recomputed read), carrying the state gradient from a chunk's end to its start in two
-  ping-pong buffers and writing the inputs' gradients into their chunk's slice. On CUDA the last
-  of the three (the sums that give the inputs' gradients) runs on a side stream: nothing later
-  waits for it but the end of the op, so it overlaps the next chunk (``NLC_FUSED_SIDE=0``: one
-  stream).
+* the backward walks the chunks in reverse with two kernels each on the chain that carries the
+  state gradient from a chunk's end to its start (``_bwd_sums_kernel``, ``_bwd_weights_kernel``;
+  two ping-pong buffers; the saved ``E`` spares a recomputed read). Nothing on the chain waits
+  for the inputs' gradients (``_bwd_finish_kernel``, the sums of the blocks' parts), so they
+  run once for a group of chunks (``_finish_group``: by default all of them, where their parts
+  fit in ``FINISH_PARTS_BYTES``), one program per (chunk, memory), writing into the chunks'
+  slices; with more than one group, on a side CUDA stream beside the next group's chain
+  (``NLC_FUSED_SIDE=0``: one stream).
 
 The values and gradients are those of ``mlp2_chunk`` chunk after chunk (tested); the coefficient
 op (``coefficients.chunk_coefficients``) runs once for all chunks, one row per (chunk, memory).
 Memory: the chunk-start states, ``4 * chunks * N * hidden * D`` floats with momentum (what
-autograd keeps for the chunk-by-chunk loop too).
+autograd keeps for the chunk-by-chunk loop too), and in the backward the parts of a group of
+chunks, ``4 * N * blocks * C * D`` floats a chunk (``blocks`` of the hidden width).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import torch
 from torch import Tensor
 
+from ...diagnostics import SettingError
 from . import mlp2 as _k  # the kernels (defined where Triton imports)
 from .mlp2 import ACTS, _blocks, _kernel_precision, _read_mode, _warps
 
@@ -42,6 +45,37 @@ __all__ = ["mlp2_sequence"]
 
 def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# The most bytes the backward keeps of the blocks' parts by default (``_finish_group``).
+FINISH_PARTS_BYTES = 1 << 30
+
+
+def _finish_group(n: int, chunk_bytes: int = 0) -> int:
+    """Chunks whose inputs' gradients the backward sums in one launch, of ``n`` chunks whose
+    parts take ``chunk_bytes`` each (``4 * N * blocks * C * D`` floats for ``C`` tokens and
+    ``blocks`` of the hidden width: what a chunk-start state takes with momentum where a block
+    is ``C`` wide). Larger groups launch fewer, fuller finish kernels
+    and keep more parts until their group is done.
+
+    ``NLC_FUSED_FINISH_GROUP``: a positive integer, or ``all``. Default: all ``n`` where their
+    parts fit in ``FINISH_PARTS_BYTES``, else groups of that budget (two sets of them live at
+    once). The Titans level on an H200: 5.15 ms with one group at period 64 and 8.4 ms at period
+    16, against 5.34-5.41 and 9.1-9.2 ms with a launch per chunk (``benchmarks/RESULTS.md``)."""
+    raw = os.environ.get("NLC_FUSED_FINISH_GROUP", "").strip()
+    n = max(n, 1)
+    if raw == "all":
+        return n
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise SettingError(
+                f"NLC_FUSED_FINISH_GROUP: expected a positive integer or 'all'; got {raw!r} "
+                "(unset it for the default)"
+            )
+        return min(int(raw), n)
+    if n * chunk_bytes <= FINISH_PARTS_BYTES:
+        return n
+    return max(1, min(n, FINISH_PARTS_BYTES // (2 * chunk_bytes)))
 
 
 _SIDE: dict = {}
@@ -185,11 +219,19 @@ def mlp2_sequence_backward(
         s1s, s2s, cs, dd, bb = w1s, w2s, cw, gam, gam  # never read (MOM off)
         spair = pair  # never written (MOM off)
         gs1, gs2 = gw1, gw2
-    # the blocks' parts of the sums over the hidden width: two sets, used by alternate chunks
+    # The inputs' gradients (_bwd_finish_kernel: the sums of the blocks' parts) are off the chain
+    # that carries the state gradient (sums -> weights -> the previous chunk's sums). They run
+    # once per group of G chunks (_finish_group), for the whole group in one launch; with more
+    # than one group, on a side CUDA stream, beside the next group's chain. The parts live in two
+    # sets of G chunks' slots, used by alternate groups; a set is reused two groups later, after
+    # the side stream is done with it.
+    G = _finish_group(n, 4 * N * nj * C * D * k.element_size())
+    groups = -(-n // G)
+    sets = 1 if groups == 1 else 2
     parts = [
-        (*(k.new_empty(N, nj, C, D) for _ in range(4)), k.new_empty(N, nj, C),
-         k.new_empty(N, nj, C), k.new_empty(N, nj, 3))
-        for _ in range(2)
+        (*(k.new_empty(G, N, nj, C, D) for _ in range(4)), k.new_empty(G, N, nj, C),
+         k.new_empty(G, N, nj, C), k.new_empty(G, N, nj, 3))
+        for _ in range(sets)
     ]  # fmt: skip
     dk, dv, dq = torch.empty_like(k), torch.empty_like(k), torch.empty_like(k)
     dcw, dgam = torch.empty_like(cw), torch.empty_like(gam)
@@ -197,12 +239,10 @@ def mlp2_sequence_backward(
         dcs, ddd, dbb = torch.empty_like(cw), torch.empty_like(gam), torch.empty_like(gam)
     else:
         dcs, ddd, dbb = dcw, dgam, dgam  # never written (MOM off)
-    # The inputs' gradients of chunk c (_bwd_finish_kernel) are off the chain that carries the
-    # state gradient (sums -> weights -> the previous chunk's sums): on CUDA they run on a side
-    # stream, overlapping the next chunk's kernels. A part set is reused two chunks later, after
-    # the side stream is done with it.
     main = torch.cuda.current_stream(k.device) if k.is_cuda else None
-    side = _side_stream(k.device) if k.is_cuda and os.environ.get("NLC_FUSED_SIDE", "1") != "0" else None
+    side = None
+    if k.is_cuda and groups > 1 and os.environ.get("NLC_FUSED_SIDE", "1") != "0":
+        side = _side_stream(k.device)
     freed: list = [None, None]
     g1, g2, h1, h2 = gw1, gw2, gs1, gs2
     with _device(k):
@@ -211,9 +251,12 @@ def mlp2_sequence_backward(
         for step, c in enumerate(reversed(range(n))):
             o1, o2 = pair[step % 2]
             p1, p2 = spair[step % 2]
-            ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p = parts[step % 2]
-            if freed[step % 2] is not None:
-                main.wait_event(freed[step % 2])
+            lo = c // G * G
+            hi = min(lo + G, n)
+            owned = parts[c // G % sets]
+            if c == hi - 1 and freed[c // G % sets] is not None:
+                main.wait_event(freed[c // G % sets])
+            ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p = (t[c - lo] for t in owned)
             _k._bwd_sums_kernel[(N, nj)](
                 k[c], e[c], w1s[c], w2s[c], g1, g2, h1, h2, cw[c], cs[c], ge_p, gk_p, gcw_p, gcs_p,
                 C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["sums"],
@@ -223,17 +266,22 @@ def mlp2_sequence_backward(
                 cw[c], cs[c], gam[c], dd[c], bb[c], o1, o2, p1, p2, gk2_p, gq_p, sc_p,
                 C, HD, D, bc, bh, a, momentum, prec, num_warps=_warps(bc)["weights"],
             )  # fmt: skip
+            g1, g2, h1, h2 = o1, o2, p1, p2
+            if c != lo:
+                continue
+            # the group's chunks lo..hi-1 are done: their inputs' gradients in one launch, one
+            # program per (chunk, memory) (the slots and the outputs are chunk-major alike)
             if side is not None:
                 side.wait_stream(main)
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                _k._bwd_finish_kernel[(N,)](
-                    ge_p, gk_p, gk2_p, gq_p, gcw_p, gcs_p, sc_p, gyq[c],
-                    dk[c], dv[c], dq[c], dcw[c], dcs[c], dgam[c], ddd[c], dbb[c],
+                _k._bwd_finish_kernel[((hi - lo) * N,)](
+                    *(t[: hi - lo] for t in owned), gyq[lo:hi],
+                    dk[lo:hi], dv[lo:hi], dq[lo:hi], dcw[lo:hi], dcs[lo:hi], dgam[lo:hi],
+                    ddd[lo:hi], dbb[lo:hi],
                     C, nj, D, bc, residual, momentum, num_warps=_warps(bc)["read"],
                 )  # fmt: skip
             if side is not None:
-                freed[step % 2] = side.record_event()
-            g1, g2, h1, h2 = o1, o2, p1, p2
+                freed[c // G % sets] = side.record_event()
         if side is not None:
             main.wait_stream(side)
     if momentum:
