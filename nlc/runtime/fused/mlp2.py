@@ -117,6 +117,15 @@ if triton is not None:
             return tl.dot(a, b, input_precision=PREC)
 
     @triton.jit
+    def _op(x, PREC: tl.constexpr):
+        """``x`` as a product's operand: bf16 for ``PREC`` bf16 (what ``_dot`` would round it
+        to anyway), else unchanged."""
+        if PREC == "bf16":
+            return x.to(tl.bfloat16)
+        else:
+            return x
+
+    @triton.jit
     def _act(z, ACT: tl.constexpr):
         """``(act(z), act'(z), act''(z))`` for gelu (erf) or silu."""
         if ACT == 0:
@@ -204,16 +213,14 @@ if triton is not None:
         tok = n * C * D + rc[:, None] * D + rd[None, :]
         p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
         p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
-        k = tl.load(K + tok, mask=m2, other=0.0)
-        e = tl.load(E + tok, mask=m2, other=0.0)
+        # the float32 tiles' own terms first; after that W1, W2 and K are only products'
+        # operands, held in the operand precision (``_op``)
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
         gam = tl.load(GAM + n)
         w1 = tl.load(W1 + p1)
         w2 = tl.load(W2 + p2)
-        h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
-        dl = _dot(e, w2, PREC) * d1
-        w1e = gam * w1 - _dot(tl.trans(dl * cw[:, None]), k, PREC)
-        w2e = gam * w2 - _dot(tl.trans(e * cw[:, None]), h, PREC)
+        w1e = gam * w1
+        w2e = gam * w2
         if MOM:
             cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
             dd = tl.load(DD + n)
@@ -222,8 +229,19 @@ if triton is not None:
             s2 = tl.load(S2 + p2)
             w1e += dd * s1
             w2e += dd * s2
-            s1e = bb * s1 - _dot(tl.trans(dl * cs[:, None]), k, PREC)
-            s2e = bb * s2 - _dot(tl.trans(e * cs[:, None]), h, PREC)
+            s1e = bb * s1
+            s2e = bb * s2
+        w1 = _op(w1, PREC)
+        w2 = _op(w2, PREC)
+        k = _op(tl.load(K + tok, mask=m2, other=0.0), PREC)
+        e = tl.load(E + tok, mask=m2, other=0.0)
+        h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        dl = _dot(e, w2, PREC) * d1
+        w1e -= _dot(tl.trans(dl * cw[:, None]), k, PREC)
+        w2e -= _dot(tl.trans(e * cw[:, None]), h, PREC)
+        if MOM:
+            s1e -= _dot(tl.trans(dl * cs[:, None]), k, PREC)
+            s2e -= _dot(tl.trans(e * cs[:, None]), h, PREC)
             tl.store(S1E + p1, s1e)
             tl.store(S2E + p2, s2e)
         tl.store(W1E + p1, w1e)
@@ -261,13 +279,15 @@ if triton is not None:
         part = (n * NJ + jb) * C * D + rc[:, None] * D + rd[None, :]
         p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
         p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
-        k = tl.load(K + tok, mask=m2, other=0.0)
+        # every weight tile and K are only products' operands here (``_op``); E also enters
+        # the gates' sums, in float32
+        k = _op(tl.load(K + tok, mask=m2, other=0.0), PREC)
         e = tl.load(E + tok, mask=m2, other=0.0)
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
-        w1 = tl.load(W1 + p1)
-        w2 = tl.load(W2 + p2)
-        gw1 = tl.load(GW1 + p1)
-        gw2 = tl.load(GW2 + p2)
+        w1 = _op(tl.load(W1 + p1), PREC)
+        w2 = _op(tl.load(W2 + p2), PREC)
+        gw1 = _op(tl.load(GW1 + p1), PREC)
+        gw2 = _op(tl.load(GW2 + p2), PREC)
         h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
         dl = _dot(e, w2, PREC) * d1
         kg1 = _dot(k, tl.trans(gw1), PREC)
@@ -278,8 +298,8 @@ if triton is not None:
         ge = -cw[:, None] * hg2
         if MOM:
             cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
-            gs1 = tl.load(GS1 + p1)
-            gs2 = tl.load(GS2 + p2)
+            gs1 = _op(tl.load(GS1 + p1), PREC)
+            gs2 = _op(tl.load(GS2 + p2), PREC)
             ks1 = _dot(k, tl.trans(gs1), PREC)
             hs2 = _dot(h, tl.trans(gs2), PREC)
             gdl -= cs[:, None] * ks1
@@ -317,12 +337,10 @@ if triton is not None:
         part = (n * NJ + jb) * C * D + rc[:, None] * D + rd[None, :]
         p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
         p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
-        k = tl.load(K + tok, mask=m2, other=0.0)
-        e = tl.load(E + tok, mask=m2, other=0.0)
-        ge = tl.zeros([BC, D], dtype=tl.float32)
-        for i in range(NJ):
-            ge += tl.load(GE_P + (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :], mask=m2,
-                          other=0.0)  # fmt: skip
+        # The float32 weight tiles first serve what needs them in float32 (the gates' parts, dS,
+        # the accumulators' start gam GW); after that every tile this program holds is only a
+        # product's operand, kept in the operand precision (``_op``: half the registers in bf16,
+        # where the kernel would otherwise spill).
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
         gam = tl.load(GAM + n)
         w1 = tl.load(W1 + p1)
@@ -331,44 +349,52 @@ if triton is not None:
         gw2 = tl.load(GW2 + p2)
         sc = (n * NJ + jb) * 3
         tl.store(SC_P + sc, tl.sum(tl.sum(gw1 * w1, 1), 0) + tl.sum(tl.sum(gw2 * w2, 1), 0))
-        h, d1, d2 = _act(_dot(k, tl.trans(w1), PREC), ACT)
-        pp = _dot(e, w2, PREC)
-        gdl = -cw[:, None] * _dot(k, tl.trans(gw1), PREC)
-        gh = _dot(ge, w2, PREC) - cw[:, None] * _dot(
-            e, gw2, PREC
-        )
+        dw1 = gam * gw1
+        dw2 = gam * gw2
         if MOM:
             cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
             dd = tl.load(DD + n)
             bb = tl.load(BB + n)
             gs1 = tl.load(GS1 + p1)
             gs2 = tl.load(GS2 + p2)
-            gdl -= cs[:, None] * _dot(k, tl.trans(gs1), PREC)
-            gh -= cs[:, None] * _dot(e, gs2, PREC)
             tl.store(DS1 + p1, dd * gw1 + bb * gs1)
             tl.store(DS2 + p2, dd * gw2 + bb * gs2)
             s1 = tl.load(S1 + p1)
             s2 = tl.load(S2 + p2)
             tl.store(SC_P + sc + 1, tl.sum(tl.sum(gw1 * s1, 1), 0) + tl.sum(tl.sum(gw2 * s2, 1), 0))
             tl.store(SC_P + sc + 2, tl.sum(tl.sum(gs1 * s1, 1), 0) + tl.sum(tl.sum(gs2 * s2, 1), 0))
-        gz = gdl * pp * d2 + gh * d1
-        dw1 = gam * gw1 + _dot(tl.trans(gz), k, PREC)
-        dw2 = (
-            gam * gw2
-            + _dot(tl.trans(e), gdl * d1, PREC)
-            + _dot(tl.trans(ge), h, PREC)
-        )
-        gk = _dot(gz, w1, PREC)
+            gs1 = _op(gs1, PREC)
+            gs2 = _op(gs2, PREC)
+        w1 = _op(w1, PREC)
+        w2 = _op(w2, PREC)
+        gw1 = _op(gw1, PREC)
+        gw2 = _op(gw2, PREC)
+        k = _op(tl.load(K + tok, mask=m2, other=0.0), PREC)
+        e = _op(tl.load(E + tok, mask=m2, other=0.0), PREC)
+        ge = tl.zeros([BC, D], dtype=tl.float32)
+        for i in range(NJ):
+            ge += tl.load(GE_P + (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :], mask=m2,
+                          other=0.0)  # fmt: skip
+        ge = _op(ge, PREC)
+        h, d1, d2 = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        gdl = -cw[:, None] * _dot(k, tl.trans(gw1), PREC)
+        gh = _dot(ge, w2, PREC) - cw[:, None] * _dot(e, gw2, PREC)
+        if MOM:
+            gdl -= cs[:, None] * _dot(k, tl.trans(gs1), PREC)
+            gh -= cs[:, None] * _dot(e, gs2, PREC)
+        gz = gdl * _dot(e, w2, PREC) * d2 + gh * d1
+        dw1 += _dot(tl.trans(gz), k, PREC)
+        tl.store(GK_P + part, _dot(gz, w1, PREC), mask=m2)
+        dw2 += _dot(tl.trans(e), gdl * d1, PREC) + _dot(tl.trans(ge), h, PREC)
         # the read at W_0
-        q = tl.load(Q + tok, mask=m2, other=0.0)
-        gyq = tl.load(GYQ + tok, mask=m2, other=0.0)
+        q = _op(tl.load(Q + tok, mask=m2, other=0.0), PREC)
+        gyq = _op(tl.load(GYQ + tok, mask=m2, other=0.0), PREC)
         hq, dq1, _ = _act(_dot(q, tl.trans(w1), PREC), ACT)
         gzq = _dot(gyq, w2, PREC) * dq1
         dw2 += _dot(tl.trans(gyq), hq, PREC)
         dw1 += _dot(tl.trans(gzq), q, PREC)
         tl.store(DW1 + p1, dw1)
         tl.store(DW2 + p2, dw2)
-        tl.store(GK_P + part, gk, mask=m2)
         tl.store(GQ_P + part, _dot(gzq, w1, PREC), mask=m2)
 
     @triton.jit
