@@ -236,6 +236,7 @@ if triton is not None:
         k = _op(tl.load(K + tok, mask=m2, other=0.0), PREC)
         e = tl.load(E + tok, mask=m2, other=0.0)
         h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        h = _op(h, PREC)
         dl = _dot(e, w2, PREC) * d1
         w1e -= _dot(tl.trans(dl * cw[:, None]), k, PREC)
         w2e -= _dot(tl.trans(e * cw[:, None]), h, PREC)
@@ -289,6 +290,7 @@ if triton is not None:
         gw1 = _op(tl.load(GW1 + p1), PREC)
         gw2 = _op(tl.load(GW2 + p2), PREC)
         h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        h = _op(h, PREC)
         dl = _dot(e, w2, PREC) * d1
         kg1 = _dot(k, tl.trans(gw1), PREC)
         hg2 = _dot(h, tl.trans(gw2), PREC)
@@ -376,25 +378,29 @@ if triton is not None:
             ge += tl.load(GE_P + (n * NJ + i) * C * D + rc[:, None] * D + rd[None, :], mask=m2,
                           other=0.0)  # fmt: skip
         ge = _op(ge, PREC)
+        # the intermediates too are converted once where they only feed products, and each is
+        # used as soon as it exists
         h, d1, d2 = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        dw2 += _dot(tl.trans(ge), _op(h, PREC), PREC)
         gdl = -cw[:, None] * _dot(k, tl.trans(gw1), PREC)
-        gh = _dot(ge, w2, PREC) - cw[:, None] * _dot(e, gw2, PREC)
         if MOM:
             gdl -= cs[:, None] * _dot(k, tl.trans(gs1), PREC)
+        dw2 += _dot(tl.trans(e), _op(gdl * d1, PREC), PREC)
+        gh = _dot(ge, w2, PREC) - cw[:, None] * _dot(e, gw2, PREC)
+        if MOM:
             gh -= cs[:, None] * _dot(e, gs2, PREC)
-        gz = gdl * _dot(e, w2, PREC) * d2 + gh * d1
+        gz = _op(gdl * _dot(e, w2, PREC) * d2 + gh * d1, PREC)
         dw1 += _dot(tl.trans(gz), k, PREC)
         tl.store(GK_P + part, _dot(gz, w1, PREC), mask=m2)
-        dw2 += _dot(tl.trans(e), gdl * d1, PREC) + _dot(tl.trans(ge), h, PREC)
         # the read at W_0
         q = _op(tl.load(Q + tok, mask=m2, other=0.0), PREC)
         gyq = _op(tl.load(GYQ + tok, mask=m2, other=0.0), PREC)
         hq, dq1, _ = _act(_dot(q, tl.trans(w1), PREC), ACT)
-        gzq = _dot(gyq, w2, PREC) * dq1
-        dw2 += _dot(tl.trans(gyq), hq, PREC)
+        dw2 += _dot(tl.trans(gyq), _op(hq, PREC), PREC)
+        tl.store(DW2 + p2, dw2)
+        gzq = _op(_dot(gyq, w2, PREC) * dq1, PREC)
         dw1 += _dot(tl.trans(gzq), q, PREC)
         tl.store(DW1 + p1, dw1)
-        tl.store(DW2 + p2, dw2)
         tl.store(GQ_P + part, _dot(gzq, w1, PREC), mask=m2)
 
     @triton.jit
