@@ -281,37 +281,39 @@ if triton is not None:
         p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
         p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
         # every weight tile and K are only products' operands here (``_op``); E also enters
-        # the gates' sums, in float32
+        # the gates' sums, in float32. The first layer's terms come first, then the second's,
+        # each tile loaded where first used (fewer live tiles: the kernel spills otherwise).
         k = _op(tl.load(K + tok, mask=m2, other=0.0), PREC)
-        e = tl.load(E + tok, mask=m2, other=0.0)
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
-        w1 = _op(tl.load(W1 + p1), PREC)
-        w2 = _op(tl.load(W2 + p2), PREC)
-        gw1 = _op(tl.load(GW1 + p1), PREC)
-        gw2 = _op(tl.load(GW2 + p2), PREC)
-        h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        h, d1, _ = _act(_dot(k, tl.trans(_op(tl.load(W1 + p1), PREC)), PREC), ACT)
         h = _op(h, PREC)
-        dl = _dot(e, w2, PREC) * d1
+        gw1 = _op(tl.load(GW1 + p1), PREC)
         kg1 = _dot(k, tl.trans(gw1), PREC)
-        hg2 = _dot(h, tl.trans(gw2), PREC)
         gdl = -cw[:, None] * kg1
-        gcw = -tl.sum(dl * kg1, axis=1) - tl.sum(e * hg2, axis=1)
-        gk = -_dot(dl * cw[:, None], gw1, PREC)
-        ge = -cw[:, None] * hg2
         if MOM:
             cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
             gs1 = _op(tl.load(GS1 + p1), PREC)
-            gs2 = _op(tl.load(GS2 + p2), PREC)
             ks1 = _dot(k, tl.trans(gs1), PREC)
-            hs2 = _dot(h, tl.trans(gs2), PREC)
             gdl -= cs[:, None] * ks1
-            gcs = -tl.sum(dl * ks1, axis=1) - tl.sum(e * hs2, axis=1)
+        e = tl.load(E + tok, mask=m2, other=0.0)
+        w2 = _op(tl.load(W2 + p2), PREC)
+        dl = _dot(e, w2, PREC) * d1
+        gcw = -tl.sum(dl * kg1, axis=1)
+        gk = -_dot(dl * cw[:, None], gw1, PREC)
+        if MOM:
+            gcs = -tl.sum(dl * ks1, axis=1)
             gk -= _dot(dl * cs[:, None], gs1, PREC)
+        tl.store(GK_P + part, gk, mask=m2)
+        ge = _dot(gdl * d1, tl.trans(w2), PREC)
+        hg2 = _dot(h, tl.trans(_op(tl.load(GW2 + p2), PREC)), PREC)
+        gcw -= tl.sum(e * hg2, axis=1)
+        ge -= cw[:, None] * hg2
+        if MOM:
+            hs2 = _dot(h, tl.trans(_op(tl.load(GS2 + p2), PREC)), PREC)
+            gcs -= tl.sum(e * hs2, axis=1)
             ge -= cs[:, None] * hs2
             tl.store(GCS_P + (n * NJ + jb) * C + rc, gcs, mask=mc)
-        ge += _dot(gdl * d1, tl.trans(w2), PREC)
         tl.store(GE_P + part, tl.where(m2, ge, 0.0), mask=m2)
-        tl.store(GK_P + part, gk, mask=m2)
         tl.store(GCW_P + (n * NJ + jb) * C + rc, gcw, mask=mc)
 
     @triton.jit
