@@ -213,39 +213,39 @@ if triton is not None:
         tok = n * C * D + rc[:, None] * D + rd[None, :]
         p1 = n * HD * D + (j + rh)[:, None] * D + rd[None, :]
         p2 = n * D * HD + rd[:, None] * HD + (j + rh)[None, :]
-        # the float32 tiles' own terms first; after that W1, W2 and K are only products'
-        # operands, held in the operand precision (``_op``)
+        # The first layer's end state, then the second's (fewer live tiles: the kernel spills
+        # otherwise): a layer's float32 tiles give their own terms first; W1, W2 and K are
+        # otherwise only products' operands, held in the operand precision (``_op``; W2 is
+        # loaded once as an operand and once in float32).
         cw = tl.load(CW + n * C + rc, mask=mc, other=0.0)
         gam = tl.load(GAM + n)
-        w1 = tl.load(W1 + p1)
-        w2 = tl.load(W2 + p2)
-        w1e = gam * w1
-        w2e = gam * w2
         if MOM:
             cs = tl.load(CS + n * C + rc, mask=mc, other=0.0)
             dd = tl.load(DD + n)
             bb = tl.load(BB + n)
+        w1 = tl.load(W1 + p1)
+        w1e = gam * w1
+        if MOM:
             s1 = tl.load(S1 + p1)
-            s2 = tl.load(S2 + p2)
             w1e += dd * s1
-            w2e += dd * s2
             s1e = bb * s1
-            s2e = bb * s2
-        w1 = _op(w1, PREC)
-        w2 = _op(w2, PREC)
         k = _op(tl.load(K + tok, mask=m2, other=0.0), PREC)
-        e = tl.load(E + tok, mask=m2, other=0.0)
-        h, d1, _ = _act(_dot(k, tl.trans(w1), PREC), ACT)
+        h, d1, _ = _act(_dot(k, tl.trans(_op(w1, PREC)), PREC), ACT)
         h = _op(h, PREC)
-        dl = _dot(e, w2, PREC) * d1
+        e = tl.load(E + tok, mask=m2, other=0.0)
+        dl = _dot(e, _op(tl.load(W2 + p2), PREC), PREC) * d1
         w1e -= _dot(tl.trans(dl * cw[:, None]), k, PREC)
-        w2e -= _dot(tl.trans(e * cw[:, None]), h, PREC)
+        tl.store(W1E + p1, w1e)
         if MOM:
             s1e -= _dot(tl.trans(dl * cs[:, None]), k, PREC)
-            s2e -= _dot(tl.trans(e * cs[:, None]), h, PREC)
             tl.store(S1E + p1, s1e)
+        w2e = gam * tl.load(W2 + p2)
+        if MOM:
+            s2 = tl.load(S2 + p2)
+            w2e += dd * s2
+            s2e = bb * s2 - _dot(tl.trans(e * cs[:, None]), h, PREC)
             tl.store(S2E + p2, s2e)
-        tl.store(W1E + p1, w1e)
+        w2e -= _dot(tl.trans(e * cw[:, None]), h, PREC)
         tl.store(W2E + p2, w2e)
 
     # The backward. G* are the incoming gradients of W1e, W2e, S1e, S2e, gYq that of Yq.
