@@ -525,6 +525,9 @@ def test_inputs_gradients_summed_for_groups_of_chunks(monkeypatch, device, group
 
 
 def test_a_bad_finish_group_is_a_setting_error(monkeypatch):
+    """A bad ``NLC_FUSED_FINISH_GROUP`` is a ``SettingError`` (reported by ``nlc`` as one line,
+    as ``test_a_bad_setting_is_a_clear_cli_error`` shows for the other settings); a group larger
+    than the sequence is the whole sequence; the default groups fit their parts in the budget."""
     monkeypatch.setenv("NLC_FUSED_FINISH_GROUP", "0")
     with pytest.raises(SettingError, match="NLC_FUSED_FINISH_GROUP: expected a positive integer"):
         fused.sequence._finish_group(4)

@@ -30,10 +30,10 @@ same kernels launched chunk after chunk inside one op, with the inputs laid out 
 (``nlc.runtime.chunks.sequence_step``; generated levels whose chunk is one ``chunk_step`` try it
 first). Its backward sums the inputs' gradients once for a group of chunks, off the chain that
 carries the state gradient (``NLC_FUSED_FINISH_GROUP``: chunks a group, or ``all``; several
-groups run on a side CUDA stream, ``NLC_FUSED_SIDE=0`` keeps them on the one stream). The read kernel gives
-each memory two programs, one for the chunk's errors (the keys) and one for its reads (the
-queries), which run side by side (one chunk of 64 memories fills half an H200's SMs);
-``NLC_FUSED_READ_SPLIT=0`` does both in one program (for comparisons).
+groups run on a side CUDA stream, ``NLC_FUSED_SIDE=0`` keeps them on the one stream). The read
+kernel gives each memory two programs, one for the chunk's errors (the keys) and one for its
+reads (the queries), which run side by side (one chunk of 64 memories fills half an H200's
+SMs); ``NLC_FUSED_READ_SPLIT=0`` does both in one program (for comparisons).
 
 ``tests/runtime/test_fused.py`` checks them against autograd through the unfused closed form in
 float64, on CUDA and on the CPU through Triton's interpreter. The products' operands are what

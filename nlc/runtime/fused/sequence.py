@@ -55,8 +55,8 @@ def _finish_group(n: int, chunk_bytes: int = 0) -> int:
     """Chunks whose inputs' gradients the backward sums in one launch, of ``n`` chunks whose
     parts take ``chunk_bytes`` each (``4 * N * blocks * C * D`` floats for ``C`` tokens and
     ``blocks`` of the hidden width: what a chunk-start state takes with momentum where a block
-    is ``C`` wide). Larger groups launch fewer, fuller finish kernels
-    and keep more parts until their group is done.
+    is ``C`` wide). Larger groups launch fewer, fuller finish kernels and keep more parts until
+    their group is done.
 
     ``NLC_FUSED_FINISH_GROUP``: a positive integer, or ``all``. Default: all ``n`` where their
     parts fit in ``FINISH_PARTS_BYTES``, else groups of that budget (two sets of them live at
@@ -77,6 +77,8 @@ def _finish_group(n: int, chunk_bytes: int = 0) -> int:
         return n
     return max(1, min(n, FINISH_PARTS_BYTES // (2 * chunk_bytes)))
 
+
+_finish_group(1)  # a bad NLC_FUSED_FINISH_GROUP is reported where the kernels are imported
 
 _SIDE: dict = {}
 
