@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fused_diag import chunk_inputs  # this script's folder is on the path
+
 from nlc.runtime import fused
 
 
@@ -31,19 +33,8 @@ def main():
     args = ap.parse_args()
     N, C, D, HD = 64, args.C, 64, 256
     g = torch.Generator(device="cuda").manual_seed(0)
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, device="cuda", generator=g) * scale
-
-    k = torch.nn.functional.normalize(r(N, C, D), dim=-1)
-    v, q = r(N, C, D), torch.nn.functional.normalize(r(N, C, D), dim=-1)
-    w1, w2 = r(N, HD, D, scale=D**-0.5), r(N, D, HD, scale=HD**-0.5)
-    s1, s2 = r(N, HD, D, scale=0.01), r(N, D, HD, scale=0.01)
-    cw, cs = r(N, C).abs() * 0.1, r(N, C).abs() * 0.1
-    gam, dd, bb = r(N).sigmoid(), r(N).sigmoid(), r(N).sigmoid()
-    gyq, gw1, gw2, gs1, gs2 = r(N, C, D), r(N, HD, D), r(N, D, HD), r(N, HD, D), r(N, D, HD)
-    args_ = (k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, gyq, gw1, gw2, gs1, gs2,
-             "gelu", True, True, args.prec)  # fmt: skip
+    chunk, grads = chunk_inputs(N, C, D, HD, g)
+    args_ = (*chunk, *grads, "gelu", True, True, args.prec)
     for _ in range(4):
         fused.mlp2.mlp2_chunk_backward(*args_)
     torch.cuda.synchronize()

@@ -43,6 +43,24 @@ def compiled_stats(fn):
     return out
 
 
+def chunk_inputs(N: int, C: int, D: int, HD: int, g: torch.Generator):
+    """Random inputs of one chunk of ``N`` depth-2 residual MLP memories ``D -> HD -> D`` with
+    momentum on CUDA: ``(k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb)`` as ``mlp2_chunk`` takes
+    them, and the incoming gradients ``(gyq, gw1, gw2, gs1, gs2)`` of its backward."""
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, device="cuda", generator=g) * scale
+
+    k = torch.nn.functional.normalize(r(N, C, D), dim=-1)
+    v, q = r(N, C, D), torch.nn.functional.normalize(r(N, C, D), dim=-1)
+    w1, w2 = r(N, HD, D, scale=D**-0.5), r(N, D, HD, scale=HD**-0.5)
+    s1, s2 = r(N, HD, D, scale=0.01), r(N, D, HD, scale=0.01)
+    cw, cs = r(N, C).abs() * 0.1, r(N, C).abs() * 0.1
+    gam, dd, bb = r(N).sigmoid(), r(N).sigmoid(), r(N).sigmoid()
+    grads = (r(N, C, D), r(N, HD, D), r(N, D, HD), r(N, HD, D), r(N, D, HD))
+    return (k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb), grads
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--N", type=int, default=64)
@@ -57,17 +75,7 @@ def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     results = []
     for C in (int(c) for c in args.chunks.split(",")):
-
-        def r(*shape, scale=1.0):
-            return torch.randn(*shape, device="cuda", generator=g) * scale
-
-        k = torch.nn.functional.normalize(r(N, C, D), dim=-1)
-        v, q = r(N, C, D), torch.nn.functional.normalize(r(N, C, D), dim=-1)
-        w1, w2 = r(N, HD, D, scale=D**-0.5), r(N, D, HD, scale=HD**-0.5)
-        s1, s2 = r(N, HD, D, scale=0.01), r(N, D, HD, scale=0.01)
-        cw, cs = r(N, C).abs() * 0.1, r(N, C).abs() * 0.1
-        gam, dd, bb = r(N).sigmoid(), r(N).sigmoid(), r(N).sigmoid()
-        gyq, gw1, gw2, gs1, gs2 = r(N, C, D), r(N, HD, D), r(N, D, HD), r(N, HD, D), r(N, D, HD)
+        chunk, grads = chunk_inputs(N, C, D, HD, g)
         for prec in args.precisions.split(","):
             for warps, bh in ((int(w), int(b)) for w in args.warps.split(",") for b in args.blocks.split(",")):
                 for table in (fused.mlp2.WARPS, fused.mlp2.WARPS_SMALL):  # every chunk size
@@ -75,8 +83,8 @@ def main():
                 for table in (fused.mlp2.BLOCKS, fused.mlp2.BLOCKS_SMALL, fused.mlp2.BLOCKS_BF16_64):
                     table.update({name: bh for name in table})
 
-                fa = (k, v, q, w1, w2, s1, s2, cw, cs, gam, dd, bb, "gelu", True, True, prec)
-                ba = (*fa[:12], gyq, gw1, gw2, gs1, gs2, "gelu", True, True, prec)
+                fa = (*chunk, "gelu", True, True, prec)
+                ba = (*chunk, *grads, "gelu", True, True, prec)
 
                 def call(fa=fa, ba=ba):
                     fused.mlp2_chunk(*fa)
