@@ -477,15 +477,16 @@ def lower_in_context(program: ir.Program, lv: ir.Level, consts, cns, nested_pare
                              "tokens")]
         if shared_keys:
             seq.append(Line(f"{keys} = nl_flows.heads({key}, {H})  # also the queries"))
-        seq.append(Line(f"done = nl_chunks.sequence_step({step_args[st.name]}, chunk={C})", 0,
+        seq.append(Line(f"done = nl_chunks.sequence_step({step_args[st.name]}, chunk={C}, final=final_state)", 0,
                         _line_comment(program, lv.clause_span("rule"))))
         seq.append(Line("if done is None:"))
         seq.append(Line("return None  # not covered: run_chunks runs `chunk`", 1))
         seq.append(Line(f"y, {sv}, {mv if momentum else '_'} = done"))
         seq.append(body[-1])
-        cls.methods.append(("sequence", "state, xs", [
+        cls.methods.append(("sequence", "state, xs, final_state=True", [
             f"The whole sequence in chunks of {C} tokens at once (nl_chunks.sequence_step), or None where",
             "no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.",
+            "final_state=False: nothing reads the end state (a form may leave the last update out).",
         ], seq))
         kw_seq = ["sequence=self.sequence"]
     else:

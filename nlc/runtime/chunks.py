@@ -22,13 +22,13 @@ carries, so do not. A level that does not carry its state asks for none (``final
 the chunks whose end state nothing reads (the last one, and the last one before each reset) are
 then read without their update.
 
-``sequence``: a level may also hand ``run_chunks`` a whole-sequence step, ``sequence(state, xs)
--> (state, y)`` or ``None``. Where the sequence is one run of chunks (no reset inside it, no
+``sequence``: a level may also hand ``run_chunks`` a whole-sequence step, ``sequence(state, xs,
+final_state=...) -> (state, y)`` or ``None``. Where the sequence is one run of chunks (no reset inside it, no
 truncation, no kept states), ``run_chunks`` tries it first and falls back to the chunks when it
 returns ``None``. Generated levels whose chunk is one ``chunk_step`` pass one that calls
 :func:`sequence_step`: every chunk of the sequence at once, where the fused kernels
-(``nlc.runtime.fused``) or the batched linear form (``nlc.runtime.linear_chunks``) cover the
-memory.
+(``nlc.runtime.fused``), the batched linear form (``nlc.runtime.linear_chunks``) or the wide
+MLP op (``nlc.runtime.wide_chunks``) cover the memory.
 
 Shapes: every tensor of ``xs`` has the token axis at dim -2 (``[B, H', T, w]``); ``y`` comes
 back ``[B, H, T, w]``. ``state`` is any pytree of tensors.
@@ -156,7 +156,7 @@ def run_chunks(step: Step, state, xs: tuple, T: int, C: int, *, reset_every: int
     kept: list = []
     segments = boundaries(T, C, reset_every, truncate)
     if sequence is not None and not keep_states and len(segments) == 1:
-        done = sequence(state, xs)
+        done = sequence(state, xs, final_state=final_state)
         if done is not None:
             _record(True)
             state, y = done
@@ -221,22 +221,27 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0: Sequence[Tensor] | None,
                   k: Tensor, target: Tensor, q: Tensor, eta, alpha=None, beta=None, *, chunk: int,
-                  read: str = "chunk"):
+                  read: str = "chunk", final: bool = True):
     """``chunk_step`` over every chunk of ``chunk`` tokens of a whole sequence at once; or ``None``
     where no whole-sequence form covers the memory (then run the chunks one by one).
 
-    Two forms: ``nlc.runtime.fused.mlp2_sequence`` (one fused op: a depth-2 MLP memory the
-    kernels cover) and ``nlc.runtime.linear_chunks.sequence`` (a linear memory on ``dot`` with
-    ``gd`` or ``dgd``: every chunk's state-free part batched, a short recurrence for the state).
+    Three forms: ``nlc.runtime.fused.mlp2_sequence`` (one fused op: a depth-2 MLP memory the
+    kernels cover), ``nlc.runtime.linear_chunks.sequence`` (a linear memory on ``dot`` with
+    ``gd`` or ``dgd``: every chunk's state-free part batched, a short recurrence for the state)
+    and ``nlc.runtime.wide_chunks.wide_mlp2_sequence`` (a depth-2 MLP memory with ``gd`` read at
+    its keys, too wide for the fused kernels: one op of large products over a float32 state).
     Arguments as ``nlc.runtime.chunk.chunk_step``'s, with the keys, targets, queries
     ``[B, H, T, w]`` and gates ``[B, H, T]`` of the whole sequence. The full chunks go through
     the form; a last partial chunk (``T mod chunk`` tokens) through ``chunk_step``, as
     ``run_chunks`` applies it. Returns ``(y [B, H, T, dout], weights at the end, momentum at the
-    end or None)``: the values of ``run_chunks`` over ``chunk_step``.
+    end or None)``: the values of ``run_chunks`` over ``chunk_step``. ``final=False``: the caller
+    does not read the end state; the wide form then leaves out the last chunk's update and
+    returns the weights at the start of the last chunk (the other forms update every chunk).
     """
     from . import chunk as _chunk
     from . import fused as _fused
     from . import linear_chunks as _linear
+    from . import wide_chunks as _wide
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -270,6 +275,14 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
             head_gate(eta), head_gate(alpha) if alpha is not None else None, chunk, read,
         )  # fmt: skip
         S = None
+    elif _wide.applies(spec, objective, rule, read, q, k, dt, n):
+        last_read_only = not final and full == T  # nothing reads the last chunk's end state
+        y, W = _wide.run(
+            spec, objective, weights0, head(k), head(target), head_gate(eta),
+            head_gate(alpha) if alpha is not None else None, chunk, _fused.precision(k.device.type),
+            update_last=not last_read_only,
+        )  # fmt: skip
+        S = None
     else:
         return None
     if full == T:
@@ -278,12 +291,14 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
     def tail_gate(g):
         return g[..., full:] if per_token(g) else g
 
-    y2, W, S = _chunk.chunk_step(
+    y2, W2, S2 = _chunk.chunk_step(
         spec, objective, rule, W, S, k[..., full:, :], target[..., full:, :],
         q[..., full:, :] if q is not None else None, tail_gate(eta),
         tail_gate(alpha) if alpha is not None else None,
-        tail_gate(beta) if beta is not None else None, read=read,
+        tail_gate(beta) if beta is not None else None, read=read, update=final,
     )  # fmt: skip
+    if final:  # else the state at the start of the partial chunk, whose update nothing reads
+        W, S = W2, S2
     if y is None:
         return None, W, S
     return torch.cat([y, y2], dim=-2), W, S

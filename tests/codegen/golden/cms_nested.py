@@ -170,9 +170,10 @@ class OuterLevel(nn.Module):
         )
         return ((outer,), ()), y
 
-    def sequence(self, state, xs):
+    def sequence(self, state, xs, final_state=True):
         """The whole sequence in chunks of 64 tokens at once (nl_chunks.sequence_step), or None where
         no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
+        final_state=False: nothing reads the end state (a form may leave the last update out).
         """
         (outer,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
@@ -191,6 +192,7 @@ class OuterLevel(nn.Module):
             None,
             None,
             chunk=64,
+            final=final_state,
         )
         if done is None:
             return None  # not covered: run_chunks runs `chunk`

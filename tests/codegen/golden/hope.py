@@ -277,9 +277,10 @@ class FastLevel(nn.Module):
         )
         return ((fast,), ()), y
 
-    def sequence(self, state, xs):
+    def sequence(self, state, xs, final_state=True):
         """The whole sequence in chunks of 16 tokens at once (nl_chunks.sequence_step), or None where
         no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
+        final_state=False: nothing reads the end state (a form may leave the last update out).
         """
         (fast,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
@@ -298,6 +299,7 @@ class FastLevel(nn.Module):
             None,
             None,
             chunk=16,
+            final=final_state,
         )
         if done is None:
             return None  # not covered: run_chunks runs `chunk`
@@ -399,9 +401,10 @@ class MidLevel(nn.Module):
         )
         return ((mid,), ()), y
 
-    def sequence(self, state, xs):
+    def sequence(self, state, xs, final_state=True):
         """The whole sequence in chunks of 64 tokens at once (nl_chunks.sequence_step), or None where
         no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
+        final_state=False: nothing reads the end state (a form may leave the last update out).
         """
         (mid,), _ = state
         key_c, value_c, query_c = xs  # the whole sequence's tokens
@@ -420,6 +423,7 @@ class MidLevel(nn.Module):
             None,
             None,
             chunk=64,
+            final=final_state,
         )
         if done is None:
             return None  # not covered: run_chunks runs `chunk`

@@ -178,9 +178,10 @@ class MemoryLevel(nn.Module):
         )
         return ((memory,), (memory_s,)), y
 
-    def sequence(self, state, xs):
+    def sequence(self, state, xs, final_state=True):
         """The whole sequence in chunks of 16 tokens at once (nl_chunks.sequence_step), or None where
         no whole-sequence form covers the memory. Same values as `chunk` applied chunk by chunk.
+        final_state=False: nothing reads the end state (a form may leave the last update out).
         """
         (memory,), (memory_s,) = state
         key_c, value_c, query_c, theta_c, retain_c, eta_c = xs  # the whole sequence's tokens
@@ -198,6 +199,7 @@ class MemoryLevel(nn.Module):
             nl_flows.gate(retain_c, 4),
             nl_flows.gate(eta_c, 4),
             chunk=16,
+            final=final_state,
         )
         if done is None:
             return None  # not covered: run_chunks runs `chunk`

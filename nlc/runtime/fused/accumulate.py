@@ -1,0 +1,175 @@
+"""A batched product added to a float32 state in one pass: ``out = gam * c + sign * x^T y``.
+
+The wide MLP memories' whole-sequence op (``nlc.runtime.wide_chunks``) keeps its state in
+float32 and multiplies with its bf16 copy. Each chunk's update of a weight, and each chunk's
+step of the state gradient backward, is a product of the chunk's tokens added to that state:
+
+    W_{c+1}  = gam_c W_c  - (cw * U)^T A         (forward; ``[out, in]``, summed over C tokens)
+    gW_c     = gam_c gW_{c+1} + X^T Y            (backward)
+
+With cuBLAS and elementwise kernels that is three passes over the state: the product written
+out, then read with the state and summed, then the sum converted to the next products' bf16
+operand. :func:`accumulate` does it in one Triton kernel: each program forms a tile of the
+product, loads the matching tile of ``c``, and stores the sum in float32 and, when asked, its
+operand copy. Elsewhere (the CPU, float64, no Triton) the same values come from ``torch.bmm``.
+
+Shapes: ``x`` ``[N, L, M]``, ``y`` ``[N, L, P]`` (the products' operands: bf16, or float32 for
+TF32 / IEEE products); ``c`` ``[N, M, P]`` (any strides, e.g. a broadcast initial state) or
+``None``; ``gam`` ``[N]`` or ``None`` (1); ``out`` ``[N, M, P]`` float32 (or float64 on the torch
+path), contiguous; ``out_op`` ``[N, M, P]`` in the operand dtype or ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+from ...diagnostics import SettingError
+from ._triton import tl, triton
+
+__all__ = ["accumulate", "product"]
+
+# (rows, columns, reduction) of a program's tile, warps, pipeline stages: the fastest of the
+# configurations tried on an H200 in the CMS level (13.9-14.0 ms a step at period 512, against
+# 14.3-14.6 for the others; ``benchmarks/wide_diag.py`` times them alone).
+# ``NLC_WIDE_TILE=rows,columns,reduction,warps,stages`` (or ``:``-separated) overrides it (tuning runs).
+TILE = (64, 128, 64, 4, 3)
+
+
+def _tile() -> tuple[int, ...]:
+    raw = os.environ.get("NLC_WIDE_TILE", "").strip()
+    if not raw:
+        return TILE
+    parts = raw.replace(":", ",").split(",")  # ":" also separates (inside other lists of settings)
+    if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
+        raise SettingError(
+            f"NLC_WIDE_TILE: expected rows,columns,reduction,warps,stages (five integers); got {raw!r}"
+        )
+    vals = tuple(int(p) for p in parts)
+    if any(v < 16 or v & (v - 1) for v in vals[:3]) or vals[3] not in (1, 2, 4, 8, 16) or not 1 <= vals[4] <= 8:
+        raise SettingError(
+            f"NLC_WIDE_TILE: tile sizes are powers of two >= 16, warps 1-16 (a power of two), "
+            f"stages 1-8; got {raw!r}"
+        )
+    return vals
+
+
+def _use_kernel(x: Tensor, out: Tensor) -> bool:
+    mode = os.environ.get("NLC_FUSED", "1")
+    if triton is None or mode == "0":
+        return False
+    if not (x.is_cuda or mode == "interpret"):
+        return False
+    return out.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float32)
+
+
+def product(a: Tensor, b: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` (batched) in ``dtype`` with ``dtype`` accumulation: bf16 operands on CUDA give
+    float32 results straight from cuBLAS (``out_dtype``), without a rounded bf16 copy."""
+    if a.dtype == dtype:
+        return torch.bmm(a, b, out=out) if out is not None else torch.bmm(a, b)
+    if a.is_cuda:
+        if out is not None:
+            return torch.bmm(a, b, out_dtype=dtype, out=out)
+        return torch.bmm(a, b, out_dtype=dtype)
+    r = torch.bmm(a.to(dtype), b.to(dtype))
+    return out.copy_(r) if out is not None else r
+
+
+def accumulate(x: Tensor, y: Tensor, out: Tensor, *, c: Tensor | None = None, gam: Tensor | None = None,
+               sign: float = 1.0, out_op: Tensor | None = None, prec: str = "bf16") -> Tensor:
+    """``out = gam * c + sign * x^T y`` (``out_op``: the same in the operands' dtype). Returns ``out``.
+
+    ``prec``: the products' precision for float32 operands (``tf32`` or ``ieee``; bf16 operands are
+    bf16 products). ``out`` may be ``c`` itself (each tile is read before it is written)."""
+    N, L, M = x.shape
+    P = y.shape[-1]
+    if _use_kernel(x, out):
+        if c is not None:
+            c = torch.broadcast_to(c, (N, M, P))
+        cc = c if c is not None else out
+        gg = gam if gam is not None else out
+        o16 = out_op if out_op is not None else out
+        BM, BP, BL, warps, stages = _tile()
+        grid = (triton.cdiv(M, BM), triton.cdiv(P, BP), N)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _acc_kernel[grid](
+                x, y, cc, gg, out, o16, L, M, P,
+                x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                cc.stride(0), cc.stride(1), cc.stride(2),
+                float(sign), c is not None, gam is not None, out_op is not None,
+                BM, BP, BL, "bf16" if x.dtype == torch.bfloat16 else prec, not x.is_cuda,
+                M % BM == 0 and P % BP == 0 and L % BL == 0,
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        return out
+    r = product(x.mT, y, out.dtype)
+    if sign != 1.0:
+        r = r * sign
+    if c is not None:
+        r = r + (c if gam is None else gam[:, None, None].to(out.dtype) * c)
+    out.copy_(r)
+    if out_op is not None:
+        out_op.copy_(r)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _acc_kernel(
+        x_ptr, y_ptr, c_ptr, gam_ptr, out_ptr, op_ptr, L: tl.constexpr, M, P,
+        sxn, sxl, sxm, syn, syl, syp, scn, scm, scp,
+        sign, HAS_C: tl.constexpr, HAS_GAM: tl.constexpr, HAS_OP: tl.constexpr,
+        BM: tl.constexpr, BP: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+        INTERPRETED: tl.constexpr, EVEN: tl.constexpr,
+    ):  # fmt: skip
+        """One ``[BM, BP]`` tile of ``out[n]``: the product over ``L`` in steps of ``BL``, then the
+        state's tile scaled and added, stored in float32 (and the operand dtype)."""
+        pm = tl.program_id(0)
+        pp = tl.program_id(1)
+        n = tl.program_id(2).to(tl.int64)
+        rm = pm * BM + tl.arange(0, BM)
+        rp = pp * BP + tl.arange(0, BP)
+        rl = tl.arange(0, BL)
+        mm = rm < M
+        mp = rp < P
+        xb = x_ptr + n * sxn + rm[None, :] * sxm
+        yb = y_ptr + n * syn + rp[None, :] * syp
+        acc = tl.zeros((BM, BP), dtype=tl.float32)
+        for l0 in range(0, L, BL):
+            if EVEN:  # the tiles divide the shapes: no masks
+                xt = tl.load(xb + (l0 + rl)[:, None] * sxl)
+                yt = tl.load(yb + (l0 + rl)[:, None] * syl)
+            else:
+                ml = (l0 + rl) < L
+                xt = tl.load(xb + (l0 + rl)[:, None] * sxl, mask=ml[:, None] & mm[None, :], other=0.0)
+                yt = tl.load(yb + (l0 + rl)[:, None] * syl, mask=ml[:, None] & mp[None, :], other=0.0)
+            if INTERPRETED:  # Triton's interpreter multiplies bf16 tiles wrongly: exact float32 products
+                acc = tl.dot(tl.trans(xt.to(tl.float32)), yt.to(tl.float32), acc, input_precision="ieee")
+            elif PREC == "bf16":
+                acc = tl.dot(tl.trans(xt), yt, acc)
+            else:
+                acc = tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
+        acc = acc * sign
+        mask = mm[:, None] & mp[None, :]
+        if HAS_C:
+            if EVEN:
+                cv = tl.load(c_ptr + n * scn + rm[:, None] * scm + rp[None, :] * scp)
+            else:
+                cv = tl.load(c_ptr + n * scn + rm[:, None] * scm + rp[None, :] * scp, mask=mask, other=0.0)
+            if HAS_GAM:
+                cv = cv * tl.load(gam_ptr + n)
+            acc = acc + cv
+        offs = n * M * P + rm[:, None] * P + rp[None, :]
+        if EVEN:
+            tl.store(out_ptr + offs, acc)
+            if HAS_OP:
+                tl.store(op_ptr + offs, acc.to(op_ptr.dtype.element_ty))
+        else:
+            tl.store(out_ptr + offs, acc, mask=mask)
+            if HAS_OP:
+                tl.store(op_ptr + offs, acc.to(op_ptr.dtype.element_ty), mask=mask)
