@@ -3,7 +3,8 @@
     python benchmarks/level_diag.py [--chunk 64] [--modes eager,regional,graphs] [--profile]
 
 The level is the Titans MLP memory of ``specs/titans_memory.nl`` (d 512, 8 heads x 64) on
-B x T tokens, fwd+bwd under bf16 autocast. Modes: ``eager``; ``scan`` / ``unrolled`` (the whole
+B x T tokens, fwd+bwd under bf16 autocast; ``--spec FILE --level NAME --dims k=v,...`` times another
+level instead (``--spec benchmarks/specs/cms_level.nl --level fast --dims d=1024,period=512 --T 4096``). Modes: ``eager``; ``scan`` / ``unrolled`` (the whole
 level compiled, chunks through torch's scan / unrolled; ``unrolled_cg`` adds inductor's CUDA
 graphs); ``regional`` (nlc.runtime.regional: the chunk step compiled, the loop eager); ``graphs``
 / ``regional_graphs`` (the eager / regional level captured by torch.cuda.make_graphed_callables).
@@ -30,14 +31,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nlc import bench  # noqa: E402
-from nlc.runtime.regional import compile_regions  # noqa: E402
+from nlc import bench
+from nlc.runtime.regional import compile_regions
 
 
-def level(chunk: int, d: int, heads: int, T: int):
-    loaded = bench.load_spec(ROOT / "benchmarks" / "specs" / "titans_memory.nl",
-                             {"d": d, "heads": heads, "chunk": chunk, "seq": T})
-    return loaded.level_classes()["memory"]
+def level(chunk: int, d: int, heads: int, T: int, spec: str | None = None, name: str = "memory",
+          dims: str = ""):
+    """The level class ``name`` of ``spec`` (default: the Titans memory at ``chunk``, ``d``, ``heads``)
+    and its model width. ``dims``: ``k=v,...`` overrides (``spec`` given: only these and ``seq``)."""
+    if spec is None:
+        spec, values = ROOT / "benchmarks" / "specs" / "titans_memory.nl", {"d": d, "heads": heads, "chunk": chunk}
+    else:
+        values = {}
+    values["seq"] = T
+    for item in filter(None, dims.split(",")):
+        key, _, value = item.partition("=")
+        values[key] = int(value)
+    loaded = bench.load_spec(spec, values)
+    return loaded.level_classes()[name], int(loaded.program.d_model)
 
 
 def time_level(f, x, steps=5):
@@ -73,8 +84,12 @@ def main():
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    ap.add_argument("--spec", default=None, help="another spec (then --level names the level, --dims its sizes)")
+    ap.add_argument("--level", default="memory")
+    ap.add_argument("--dims", default="", help="k=v,... for --spec (e.g. d=1024,period=512)")
     args = ap.parse_args()
-    cls = level(args.chunk, 512, 8, args.T)
+    cls, d = level(args.chunk, 512, 8, args.T, args.spec, args.level, args.dims)
+    tag = f"{args.level}_{args.dims.replace(',', '_').replace('=', '')}" if args.spec else str(args.chunk)
     out = []
     base_env = dict(os.environ)
     for mode in args.modes.split(","):
@@ -87,7 +102,7 @@ def main():
             os.environ[name] = value
         torch.manual_seed(0)
         m = cls().cuda()
-        x = torch.randn(args.B, args.T, 512, device="cuda", requires_grad=True)
+        x = torch.randn(args.B, args.T, d, device="cuda", requires_grad=True)
         os.environ["NLC_CHUNK_SCAN"] = "0" if mode.startswith("unrolled") else "1"
         # "-eagerfwd": regional compile without the whole-forward region (NLC_WHOLE_FORWARD=0)
         os.environ["NLC_WHOLE_FORWARD"] = "0" if mode.endswith("-eagerfwd") else "1"
@@ -128,9 +143,9 @@ def main():
             print(gpu, cpu, sep="\n", flush=True)
             if os.environ.get("OUT"):  # the longer GPU table, kernel by kernel, to a file
                 table = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=90)
-                Path(os.environ["OUT"], f"profile_{label}_{args.chunk}.txt").write_text(table)
+                Path(os.environ["OUT"], f"profile_{label}_{tag}.txt").write_text(table)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"level_diag_{args.chunk}.json").write_text(json.dumps(out, indent=1))
+        Path(os.environ["OUT"], f"level_diag_{tag}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
