@@ -31,8 +31,7 @@ The backward walks the chunks in reverse with the state gradients ``gW1, gW2`` o
     gK = -(cw U) gW1 + gZ W1 (+ gY')             gV = -gE (l2, dot)
     gW1 <- gam gW1 + gZ^T K                      gW2 <- gam gW2 + [E; gY']^T [gU * H'; H]
 
-the two state gradients again one ``accumulate`` each (the two products of ``gW2`` as one, over
-``2 C`` tokens). ``ggam = <gW1_end, W1_c> + <gW2_end, W2_c>`` only with decay (then the op keeps
+the two state gradients again one ``accumulate`` each (the two products of ``gW2`` in one pass). ``ggam = <gW1_end, W1_c> + <gW2_end, W2_c>`` only with decay (then the op keeps
 the float32 chunk-start states too).
 
 Values and gradients are ``run_chunks`` over ``chunk_step``'s, up to rounding: tested against the
@@ -329,8 +328,7 @@ def wide_mlp2_sequence_backward(
         gmc = gam[c] if decay else None
         first = c == 0
         accumulate(gzb, kb, t1, c=g1, gam=gmc, out_op=None if first else g1o, prec=prec)
-        accumulate(torch.cat([ec, gytb], -2), torch.cat([ggb, hb], -2), t2, c=g2, gam=gmc,
-                   out_op=None if first else g2o, prec=prec)  # fmt: skip
+        accumulate(ec, ggb, t2, c=g2, gam=gmc, out_op=None if first else g2o, prec=prec, more=(gytb, hb))
         g1, g2 = t1, t2
     return gk, gv, g1, g2, gcw, ggam
 

@@ -185,9 +185,25 @@ def test_accumulate_kernel_matches_torch(monkeypatch, device, operands, shape):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4 * L**0.5)
         # the operand copy: bf16 of the float32 result (one ulp: the interpreter rounds differently)
         torch.testing.assert_close(op.float(), out, rtol=2**-7, atol=1e-30)
-    inplace = c.contiguous()
+    inplace = c.clone()  # (a copy: c itself is read again below)
     accumulate(x, y, inplace, c=inplace, gam=gam, sign=-1.0, prec="ieee")
     torch.testing.assert_close(inplace.double(), want.double(), rtol=1e-5, atol=1e-4 * L**0.5)
+    # a second pair of operands in the same pass (L2 rows of its own)
+    x2 = torch.randn(N, L + 6, M, generator=g).to(device, od)
+    y2 = torch.randn(N, L + 6, P, generator=g).to(device, od)
+    out = torch.empty(N, M, P, device=device)
+    accumulate(x, y, out, c=c, gam=gam, sign=-1.0, prec="ieee", more=(x2, y2))
+    ref = want.double() - x2.double().mT.matmul(y2.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-4 * L**0.5)
+
+
+def test_accumulate_takes_a_sign_of_one(monkeypatch):
+    monkeypatch.setenv("NLC_FUSED", "0")
+    x, y, out = torch.ones(1, 2, 3), torch.ones(1, 2, 4), torch.empty(1, 3, 4)
+    accumulate(x, y, out, sign=-1.0, more=(x, y))
+    assert (out == -4.0).all()
+    with pytest.raises(ValueError, match="sign must be"):
+        accumulate(x, y, out, sign=0.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,9 +9,9 @@ step of the state gradient backward, is a product of the chunk's tokens added to
 
 With cuBLAS and elementwise kernels that is three passes over the state: the product written
 out, then read with the state and summed, then the sum converted to the next products' bf16
-operand. :func:`accumulate` does it in one Triton kernel: each program forms a tile of the
-product, loads the matching tile of ``c``, and stores the sum in float32 and, when asked, its
-operand copy. Elsewhere (the CPU, float64, no Triton) the same values come from ``torch.bmm``.
+operand. :func:`accumulate` does it in one Triton kernel: each program loads its tile of ``c``
+as the starting value of its tile of the product, accumulates the product onto it, and stores
+the sum in float32 and, when asked, its operand copy. Elsewhere (the CPU, float64, no Triton) the same values come from ``torch.bmm``.
 
 Shapes: ``x`` ``[N, L, M]``, ``y`` ``[N, L, P]`` (the products' operands: bf16, or float32 for
 TF32 / IEEE products); ``c`` ``[N, M, P]`` (any strides, e.g. a broadcast initial state) or
@@ -80,13 +80,18 @@ def product(a: Tensor, b: Tensor, dtype: torch.dtype, out: Tensor | None = None)
 
 
 def accumulate(x: Tensor, y: Tensor, out: Tensor, *, c: Tensor | None = None, gam: Tensor | None = None,
-               sign: float = 1.0, out_op: Tensor | None = None, prec: str = "bf16") -> Tensor:
-    """``out = gam * c + sign * x^T y`` (``out_op``: the same in the operands' dtype). Returns ``out``.
+               sign: float = 1.0, out_op: Tensor | None = None, prec: str = "bf16",
+               more: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``out = gam * c + sign * x^T y`` (``out_op``: the same in the operands' dtype), ``sign`` +1 or
+    -1. Returns ``out``. ``more=(x2, y2)`` (``[N, L2, M]``, ``[N, L2, P]``) adds ``sign * x2^T y2``
+    too, in the same pass (as if ``x, x2`` and ``y, y2`` were concatenated along ``L``).
 
     ``prec``: the products' precision for float32 operands (``tf32`` or ``ieee``; bf16 operands are
     bf16 products). ``out`` may be ``c`` itself (each tile is read before it is written)."""
     N, L, M = x.shape
     P = y.shape[-1]
+    if sign not in (1.0, -1.0):
+        raise ValueError(f"accumulate: sign must be +1 or -1, got {sign}")
     if _use_kernel(x, out):
         if c is not None:
             c = torch.broadcast_to(c, (N, M, P))
@@ -94,18 +99,23 @@ def accumulate(x: Tensor, y: Tensor, out: Tensor, *, c: Tensor | None = None, ga
         gg = gam if gam is not None else out
         o16 = out_op if out_op is not None else out
         BM, BP, BL, warps, stages = _tile()
+        x2, y2 = more if more is not None else (x, y)
+        L2 = x2.shape[1] if more is not None else 0
         grid = (triton.cdiv(M, BM), triton.cdiv(P, BP), N)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _acc_kernel[grid](
-                x, y, cc, gg, out, o16, L, M, P,
+                x, y, x2, y2, cc, gg, out, o16, L, L2, M, P,
                 x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                x2.stride(0), x2.stride(1), x2.stride(2), y2.stride(0), y2.stride(1), y2.stride(2),
                 cc.stride(0), cc.stride(1), cc.stride(2),
                 float(sign), c is not None, gam is not None, out_op is not None,
                 BM, BP, BL, "bf16" if x.dtype == torch.bfloat16 else prec, not x.is_cuda,
-                M % BM == 0 and P % BP == 0 and L % BL == 0,
+                M % BM == 0 and P % BP == 0 and L % BL == 0 and L2 % BL == 0,
                 num_warps=warps, num_stages=stages,
             )  # fmt: skip
         return out
+    if more is not None:
+        x, y = torch.cat([x, more[0]], 1), torch.cat([y, more[1]], 1)
     r = product(x.mT, y, out.dtype)
     if sign != 1.0:
         r = r * sign
@@ -120,15 +130,25 @@ def accumulate(x: Tensor, y: Tensor, out: Tensor, *, c: Tensor | None = None, ga
 if triton is not None:
 
     @triton.jit
+    def _tile_dot(xt, yt, acc, PREC: tl.constexpr, INTERPRETED: tl.constexpr):
+        """``acc + xt^T yt`` with float32 accumulation."""
+        if INTERPRETED:  # Triton's interpreter multiplies bf16 tiles wrongly: exact float32 products
+            return tl.dot(tl.trans(xt.to(tl.float32)), yt.to(tl.float32), acc, input_precision="ieee")
+        elif PREC == "bf16":
+            return tl.dot(tl.trans(xt), yt, acc)
+        else:
+            return tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
+
+    @triton.jit
     def _acc_kernel(
-        x_ptr, y_ptr, c_ptr, gam_ptr, out_ptr, op_ptr, L: tl.constexpr, M, P,
-        sxn, sxl, sxm, syn, syl, syp, scn, scm, scp,
+        x_ptr, y_ptr, x2_ptr, y2_ptr, c_ptr, gam_ptr, out_ptr, op_ptr, L: tl.constexpr, L2: tl.constexpr, M, P,
+        sxn, sxl, sxm, syn, syl, syp, s2xn, s2xl, s2xm, s2yn, s2yl, s2yp, scn, scm, scp,
         sign, HAS_C: tl.constexpr, HAS_GAM: tl.constexpr, HAS_OP: tl.constexpr,
         BM: tl.constexpr, BP: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
         INTERPRETED: tl.constexpr, EVEN: tl.constexpr,
     ):  # fmt: skip
-        """One ``[BM, BP]`` tile of ``out[n]``: the product over ``L`` in steps of ``BL``, then the
-        state's tile scaled and added, stored in float32 (and the operand dtype)."""
+        """One ``[BM, BP]`` tile of ``out[n]``: the state's tile scaled, the product over ``L`` in
+        steps of ``BL`` accumulated onto it, stored in float32 (and the operand dtype)."""
         pm = tl.program_id(0)
         pp = tl.program_id(1)
         n = tl.program_id(2).to(tl.int64)
@@ -139,7 +159,19 @@ if triton is not None:
         mp = rp < P
         xb = x_ptr + n * sxn + rm[None, :] * sxm
         yb = y_ptr + n * syn + rp[None, :] * syp
+        mask = mm[:, None] & mp[None, :]
+        # the state's tile first, as the product's starting value (sign * gam * c; sign is +-1, so
+        # sign * (that + x^T y) is the result): its load overlaps the product's first loads, and
+        # the tile needs no registers of its own after the loop
         acc = tl.zeros((BM, BP), dtype=tl.float32)
+        if HAS_C:
+            if EVEN:
+                cv = tl.load(c_ptr + n * scn + rm[:, None] * scm + rp[None, :] * scp)
+            else:
+                cv = tl.load(c_ptr + n * scn + rm[:, None] * scm + rp[None, :] * scp, mask=mask, other=0.0)
+            if HAS_GAM:
+                cv = cv * tl.load(gam_ptr + n)
+            acc = cv * sign
         for l0 in range(0, L, BL):
             if EVEN:  # the tiles divide the shapes: no masks
                 xt = tl.load(xb + (l0 + rl)[:, None] * sxl)
@@ -148,22 +180,20 @@ if triton is not None:
                 ml = (l0 + rl) < L
                 xt = tl.load(xb + (l0 + rl)[:, None] * sxl, mask=ml[:, None] & mm[None, :], other=0.0)
                 yt = tl.load(yb + (l0 + rl)[:, None] * syl, mask=ml[:, None] & mp[None, :], other=0.0)
-            if INTERPRETED:  # Triton's interpreter multiplies bf16 tiles wrongly: exact float32 products
-                acc = tl.dot(tl.trans(xt.to(tl.float32)), yt.to(tl.float32), acc, input_precision="ieee")
-            elif PREC == "bf16":
-                acc = tl.dot(tl.trans(xt), yt, acc)
-            else:
-                acc = tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
+            acc = _tile_dot(xt, yt, acc, PREC, INTERPRETED)
+        if L2 > 0:  # the second pair (``more``): the same loop over its L2 rows
+            xb2 = x2_ptr + n * s2xn + rm[None, :] * s2xm
+            yb2 = y2_ptr + n * s2yn + rp[None, :] * s2yp
+            for l0 in range(0, L2, BL):
+                if EVEN:
+                    xt = tl.load(xb2 + (l0 + rl)[:, None] * s2xl)
+                    yt = tl.load(yb2 + (l0 + rl)[:, None] * s2yl)
+                else:
+                    ml = (l0 + rl) < L2
+                    xt = tl.load(xb2 + (l0 + rl)[:, None] * s2xl, mask=ml[:, None] & mm[None, :], other=0.0)
+                    yt = tl.load(yb2 + (l0 + rl)[:, None] * s2yl, mask=ml[:, None] & mp[None, :], other=0.0)
+                acc = _tile_dot(xt, yt, acc, PREC, INTERPRETED)
         acc = acc * sign
-        mask = mm[:, None] & mp[None, :]
-        if HAS_C:
-            if EVEN:
-                cv = tl.load(c_ptr + n * scn + rm[:, None] * scm + rp[None, :] * scp)
-            else:
-                cv = tl.load(c_ptr + n * scn + rm[:, None] * scm + rp[None, :] * scp, mask=mask, other=0.0)
-            if HAS_GAM:
-                cv = cv * tl.load(gam_ptr + n)
-            acc = acc + cv
         offs = n * M * P + rm[:, None] * P + rp[None, :]
         if EVEN:
             tl.store(out_ptr + offs, acc)
