@@ -301,9 +301,10 @@ def level_flops(lv, T: int, persist: bool | None = None) -> dict:
       ``Level.reads_at_keys``);
     * a chunk whose end state nothing reads (the last one, and the last one before each reset, of
       a level that does not keep its state: ``persist``, by default the level's ``reset never``):
-      its reads only, as ``run_chunks(..., final_state=False)`` runs it. Where a whole-sequence
-      op runs the level (``nlc.runtime.chunks.sequence_step``) it updates that chunk too, and
-      the count is the level's need, below what runs.
+      its reads only, as ``run_chunks(..., final_state=False)`` runs it. Where the fused or the
+      linear whole-sequence op runs the level (``nlc.runtime.chunks.sequence_step``) it updates
+      that chunk too (the wide MLP op does not), and the count is the level's need, below what
+      runs.
 
     Returns ``{"matmul": int, "solve": int}`` for the whole sequence and one sequence (multiply
     by the batch). The level's projections, convolutions and output (ordinary parameters) are not
