@@ -294,16 +294,25 @@ def wide_mlp2_sequence_backward(
     update_last: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward of :func:`wide_mlp2_sequence` (module docstring): ``(gk, gv, gw1, gw2, gcw,
-    ggam)`` from the saved tensors and the gradients of the reads and of the end state."""
+    ggam)`` from the saved tensors and the gradients of the reads and of the end state (``gw1``,
+    ``gw2`` empty ``[0]``: zero, not materialised)."""
     n = k.shape[0]
+    N, H, D = w1o.shape[1:]
+    Do = w2o.shape[2]
     dt = k.dtype
     od = _operand_dtype(prec, dt)
     gk, gv = torch.empty_like(k), torch.empty_like(gy)
     gcw = torch.empty_like(cw)
     ggam = torch.zeros_like(gam) if decay else k.new_empty(0)
-    t1, t2 = torch.empty_like(gw1), torch.empty_like(gw2)  # the state gradients, updated in place
-    g1, g2 = gw1, gw2
-    g1o, g2o = gw1.to(od, copy=True), gw2.to(od, copy=True)  # rewritten in place below
+    zero_end = gw1.numel() == 0  # no gradient reached the end state (empty gw1, gw2)
+    if zero_end and update_last:  # the last update's backward multiplies by them: zeros
+        gw1, gw2, zero_end = k.new_zeros(N, H, D), k.new_zeros(N, Do, H), False
+    t1, t2 = k.new_empty(N, H, D), k.new_empty(N, Do, H)  # the state gradients, updated in place
+    g1, g2 = (None, None) if zero_end else (gw1, gw2)  # None: zero (a read-only last chunk adds to nothing)
+    if zero_end:
+        g1o, g2o = k.new_empty(N, H, D, dtype=od), k.new_empty(N, Do, H, dtype=od)
+    else:
+        g1o, g2o = gw1.to(od, copy=True), gw2.to(od, copy=True)  # rewritten in place below
     for c in reversed(range(n)):
         kc = k[c]
         kb = kc.to(od)
@@ -343,7 +352,7 @@ def wide_mlp2_sequence_backward(
 
 @wide_mlp2_sequence_backward.register_fake
 def _(k, cw, gam, w1o, w2o, z, g, e, w1s, w2s, gy, gw1, gw2, act, residual, objective, prec, decay, update_last):
-    return (torch.empty_like(k), torch.empty_like(gy), torch.empty_like(gw1), torch.empty_like(gw2),
+    return (torch.empty_like(k), torch.empty_like(gy), k.new_empty(w1o.shape[1:]), k.new_empty(w2o.shape[1:]),
             torch.empty_like(cw), torch.empty_like(gam) if decay else k.new_empty(0))  # fmt: skip
 
 
@@ -352,6 +361,7 @@ def _setup_context(ctx, inputs, output):
     _, _, _, w1o, w2o, z, g, e, w1s, w2s = output
     ctx.save_for_backward(k, cw, gam, w1o, w2o, z, g, e, w1s, w2s)
     ctx.mark_non_differentiable(w1o, w2o, z, g, e, w1s, w2s)
+    ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not as zeros
     ctx.args = (act, residual, objective, prec, decay, update_last)
 
 
@@ -360,8 +370,11 @@ def _backward(ctx, gy, gw1, gw2, *_saved):
     n, N, C, D = k.shape
     H, Do = w1o.shape[-2], w2o.shape[-2]
     gy = k.new_zeros(n, N, C, Do) if gy is None else gy.contiguous()
-    gw1 = k.new_zeros(N, H, D) if gw1 is None else gw1.contiguous()
-    gw2 = k.new_zeros(N, Do, H) if gw2 is None else gw2.contiguous()
+    if gw1 is None and gw2 is None:  # nothing read the end state: no zeros made (empty stands for them)
+        gw1, gw2 = k.new_empty(0), k.new_empty(0)
+    else:
+        gw1 = k.new_zeros(N, H, D) if gw1 is None else gw1.contiguous()
+        gw2 = k.new_zeros(N, Do, H) if gw2 is None else gw2.contiguous()
     gk, gv, g1, g2, gcw, ggam = wide_mlp2_sequence_backward(
         k, cw, gam, w1o, w2o, z, g, e, w1s, w2s, gy, gw1, gw2, *ctx.args
     )

@@ -268,12 +268,16 @@ def test_without_a_final_state_the_last_update_is_left_out(counted, decay, T):
         p["alpha"] = None
     leaves = [*p["W0"], p["k"], p["v"], p["eta"]] + ([p["alpha"]] if decay else [])
     w = torch.randn(2, 3, T, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
-    got = {}
-    for final in (True, False):
-        y, W, _ = sequence_step(spec, "l2", rule, p["W0"], None, p["k"], p["v"], p["k"], p["eta"], p["alpha"],
-                                chunk=4, final=final)  # fmt: skip
-        got[final] = (y, W, torch.autograd.grad((y * w).sum(), leaves))
+    end_grads = []  # the sizes of the end-state gradients the backward got (0: none reached it)
+    real_backward = wide_chunks.wide_mlp2_sequence_backward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wide_chunks, "wide_mlp2_sequence_backward",
+                   lambda *a: end_grads.append(a[11].numel()) or real_backward(*a))  # fmt: skip
+        got = _final_and_not(spec, rule, p, w, leaves)
     assert counted
+    # a loss on the reads only: without a partial chunk after them, no gradient reaches the op's end
+    # state, and the backward makes no zeros for it (a partial chunk reads that state: a real one)
+    assert end_grads and all((n == 0) == (T % 4 == 0) for n in end_grads), end_grads
     for a, b in zip(got[False][2], got[True][2]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[False][0], got[True][0], rtol=1e-12, atol=1e-12)
@@ -283,3 +287,12 @@ def test_without_a_final_state_the_last_update_is_left_out(counted, decay, T):
                          None, chunk=4)  # fmt: skip
     for a, b in zip(got[False][1], W_start):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _final_and_not(spec, rule, p, w, leaves):
+    got = {}
+    for final in (True, False):
+        y, W, _ = sequence_step(spec, "l2", rule, p["W0"], None, p["k"], p["v"], p["k"], p["eta"], p["alpha"],
+                                chunk=4, final=final)  # fmt: skip
+        got[final] = (y, W, torch.autograd.grad((y * w).sum(), leaves))
+    return got
