@@ -23,9 +23,9 @@ the chunks whose end state nothing reads (the last one, and the last one before 
 then read without their update.
 
 ``sequence``: a level may also hand ``run_chunks`` a whole-sequence step, ``sequence(state, xs,
-final_state=...) -> (state, y)`` or ``None``. Where the sequence is one run of chunks (no reset inside it, no
-truncation, no kept states), ``run_chunks`` tries it first and falls back to the chunks when it
-returns ``None``. Generated levels whose chunk is one ``chunk_step`` pass one that calls
+final_state=...) -> (state, y)`` or ``None``. Where the sequence is one run of chunks (no reset
+inside it, no truncation, no kept states), ``run_chunks`` tries it first and falls back to the
+chunks when it returns ``None``. Generated levels whose chunk is one ``chunk_step`` pass one that calls
 :func:`sequence_step`: every chunk of the sequence at once, where the fused kernels
 (``nlc.runtime.fused``), the batched linear form (``nlc.runtime.linear_chunks``) or the wide
 MLP op (``nlc.runtime.wide_chunks``) cover the memory.
@@ -235,8 +235,9 @@ def sequence_step(spec, objective: str, rule, weights0: Sequence[Tensor], moms0:
     the form; a last partial chunk (``T mod chunk`` tokens) through ``chunk_step``, as
     ``run_chunks`` applies it. Returns ``(y [B, H, T, dout], weights at the end, momentum at the
     end or None)``: the values of ``run_chunks`` over ``chunk_step``. ``final=False``: the caller
-    does not read the end state; the wide form then leaves out the last chunk's update and
-    returns the weights at the start of the last chunk (the other forms update every chunk).
+    does not read the end state; a partial last chunk is then read without its update, and so is
+    a last full chunk by the wide form (the other forms update every full chunk); the state
+    returned is the one at the start of the chunk left without its update.
     """
     from . import chunk as _chunk
     from . import fused as _fused

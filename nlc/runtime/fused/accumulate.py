@@ -11,7 +11,8 @@ With cuBLAS and elementwise kernels that is three passes over the state: the pro
 out, then read with the state and summed, then the sum converted to the next products' bf16
 operand. :func:`accumulate` does it in one Triton kernel: each program loads its tile of ``c``
 as the starting value of its tile of the product, accumulates the product onto it, and stores
-the sum in float32 and, when asked, its operand copy. Elsewhere (the CPU, float64, no Triton) the same values come from ``torch.bmm``.
+the sum in float32 and, when asked, its operand copy. Elsewhere (the CPU, float64, no Triton)
+the same values come from ``torch.bmm``.
 
 Shapes: ``x`` ``[N, L, M]``, ``y`` ``[N, L, P]`` (the products' operands: bf16, or float32 for
 TF32 / IEEE products); ``c`` ``[N, M, P]`` (any strides, e.g. a broadcast initial state) or
@@ -32,9 +33,10 @@ from ._triton import tl, triton
 
 __all__ = ["accumulate", "product"]
 
-# (rows, columns, reduction) of a program's tile, warps, pipeline stages: the fastest of the
-# configurations tried on an H200 in the CMS level (13.9-14.0 ms a step at period 512, against
-# 14.3-14.6 for the others; ``benchmarks/wide_diag.py`` times them alone).
+# (rows, columns, reduction) of a program's tile, warps, pipeline stages: the fastest of the six
+# tried on an H200 in the CMS level's first sweep (13.9 ms a step at period 512, 14.3-14.7 for
+# the others); in a later run 128 x 256 x 64 at 8 warps was as fast (12.88 vs 12.92 ms).
+# ``benchmarks/wide_diag.py`` times them alone.
 # ``NLC_WIDE_TILE=rows,columns,reduction,warps,stages`` (or ``:``-separated) overrides it (tuning runs).
 TILE = (64, 128, 64, 4, 3)
 
@@ -67,8 +69,9 @@ def _use_kernel(x: Tensor, out: Tensor) -> bool:
 
 
 def product(a: Tensor, b: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """``a @ b`` (batched) in ``dtype`` with ``dtype`` accumulation: bf16 operands on CUDA give
-    float32 results straight from cuBLAS (``out_dtype``), without a rounded bf16 copy."""
+    """``a @ b`` (batched) with its result in ``dtype``: operands already in ``dtype`` multiply as
+    they are (bf16 ones accumulate in float32 in cuBLAS); bf16 operands on CUDA with a float32
+    ``dtype`` give the float32 result straight from cuBLAS (``out_dtype``), not a rounded copy."""
     if a.dtype == dtype:
         return torch.bmm(a, b, out=out) if out is not None else torch.bmm(a, b)
     if a.is_cuda:
