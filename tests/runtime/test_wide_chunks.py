@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nlc
 from nlc.runtime import fused, wide_chunks
 from nlc.runtime.chunk import RuleSpec, scan
 from nlc.runtime.chunks import sequence_step
@@ -296,3 +297,28 @@ def _final_and_not(spec, rule, p, w, leaves):
                                 chunk=4, final=final)  # fmt: skip
         got[final] = (y, W, torch.autograd.grad((y * w).sum(), leaves))
     return got
+
+
+@pytest.mark.parametrize("example", ["hope", "cms_sequential", "cms_independent", "hope_attention"])
+def test_a_model_with_the_wide_op_equals_the_chunk_loop(monkeypatch, example):
+    """A whole model whose CMS levels the op covers (shrunk, float64): its loss and every parameter's
+    gradient equal the chunk loop's; 75 tokens leave a partial last chunk."""
+    text = shrink((ROOT / "examples" / f"{example}.nl").read_text(), d=16, heads=2, layers=2)
+    idx = torch.randint(0, 256, (2, 75), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = wide_chunks.wide_mlp2_sequence
+    monkeypatch.setattr(wide_chunks, "wide_mlp2_sequence", lambda *a: calls.append(1) or real(*a))
+    out = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("NLC_WIDE_CHUNKS", mode)
+        torch.manual_seed(0)
+        model = nlc.load(text)().double()
+        _, loss = model(idx, idx)
+        loss.backward()
+        out[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        if mode == "1":
+            assert calls, f"no level of {example} took the wide op"
+    torch.testing.assert_close(out["1"][0], out["0"][0], rtol=1e-12, atol=1e-12)
+    assert out["1"][1].keys() == out["0"][1].keys()
+    for n, g in out["0"][1].items():
+        torch.testing.assert_close(out["1"][1][n], g, rtol=1e-9, atol=1e-12, msg=n)
