@@ -21,7 +21,7 @@ written out. Per chunk ``c`` (``N`` memories, ``C`` tokens, ``K`` the keys, ``V`
 The products take the state's bf16 copy (under bf16 autocast; else float32); each update is one
 :func:`~nlc.runtime.fused.accumulate.accumulate` (product, state added, float32 result and its
 bf16 copy in one pass), so the state is read once and written once per chunk and weight. The
-elementwise work of a chunk is six small functions of its tokens, each one fused kernel on CUDA
+elementwise work of a chunk is seven small functions of its tokens, each one fused kernel on CUDA
 (inductor; ``NLC_WIDE_COMPILE=0`` leaves them uncompiled). The op keeps each chunk's operand
 copies of the weights and ``Z``, ``G``, ``E`` for the backward; where nothing reads the end
 state (``update_last=False``), the last chunk is a read only.
@@ -144,6 +144,12 @@ def _hidden_and_write(z: Tensor, g: Tensor, cw: Tensor, act: str, od: torch.dtyp
 
 
 @_fused
+def _write(z: Tensor, g: Tensor, cw: Tensor, act: str, od: torch.dtype, dt: torch.dtype) -> Tensor:
+    """``cw * U`` as an operand, ``U = G * act'(Z)`` (the forward has ``H`` already)."""
+    return (cw[..., None] * g.to(dt) * activation_and_derivative(act, z.to(dt))[1]).to(od)
+
+
+@_fused
 def _errors(y: Tensor, kc: Tensor, v: Tensor, cw: Tensor, objective: str, residual: bool, od: torch.dtype,
             dt: torch.dtype):  # fmt: skip
     """``(Y, E, cw * E)``: the read (``dt``), the errors and the update's operand (``od``)."""
@@ -248,7 +254,7 @@ def wide_mlp2_sequence(
                 w2e.copy_(s2)
             break
         product(ec, w2o[c], od, out=g[c])
-        _, xu = _hidden_and_write(z[c], g[c], cw[c], act, od, dt)
+        xu = _write(z[c], g[c], cw[c], act, od, dt)
         last = c == n - 1
         o1 = w1e if last else (w1s[c + 1] if decay else w1e)
         o2 = w2e if last else (w2s[c + 1] if decay else w2e)

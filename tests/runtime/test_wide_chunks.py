@@ -16,6 +16,9 @@ from nlc.runtime.memories import MemorySpec
 from ..codegen.helpers import shrink
 from ..conftest import ROOT
 from .test_chunk import compare, make_problem, seed_of
+from .test_fused import (
+    _devices,  # CUDA, and the CPU where Triton runs as its interpreter
+)
 
 F64 = torch.float64
 
@@ -144,15 +147,6 @@ def test_wide_level_compiles_fullgraph_and_matches_eager(monkeypatch):
 
 # ------------------------------------------------------------------------------------------
 # the kernel
-
-
-def _devices():
-    out = []
-    if torch.cuda.is_available():
-        out.append("cuda")
-    if fused.available() and type(fused.accumulate._acc_kernel).__name__ == "InterpretedFunction":
-        out.append("cpu")
-    return out or ["none"]
 
 
 @pytest.mark.skipif(not fused.available(), reason="needs Triton")

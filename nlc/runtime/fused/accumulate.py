@@ -143,6 +143,22 @@ if triton is not None:
             return tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
 
     @triton.jit
+    def _product_rows(xb, yb, sxl, syl, L: tl.constexpr, rl, mm, mp, acc, BL: tl.constexpr,
+                      PREC: tl.constexpr, INTERPRETED: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+        """``acc + x^T y`` over the ``L`` rows of one pair, ``BL`` at a time (``xb``, ``yb``: the
+        tile's columns in row 0; ``EVEN``: the tiles divide the shapes, no masks)."""
+        for l0 in range(0, L, BL):
+            if EVEN:
+                xt = tl.load(xb + (l0 + rl)[:, None] * sxl)
+                yt = tl.load(yb + (l0 + rl)[:, None] * syl)
+            else:
+                ml = (l0 + rl) < L
+                xt = tl.load(xb + (l0 + rl)[:, None] * sxl, mask=ml[:, None] & mm[None, :], other=0.0)
+                yt = tl.load(yb + (l0 + rl)[:, None] * syl, mask=ml[:, None] & mp[None, :], other=0.0)
+            acc = _tile_dot(xt, yt, acc, PREC, INTERPRETED)
+        return acc
+
+    @triton.jit
     def _acc_kernel(
         x_ptr, y_ptr, x2_ptr, y2_ptr, c_ptr, gam_ptr, out_ptr, op_ptr, L: tl.constexpr, L2: tl.constexpr, M, P,
         sxn, sxl, sxm, syn, syl, syp, s2xn, s2xl, s2xm, s2yn, s2yl, s2yp, scn, scm, scp,
@@ -175,27 +191,11 @@ if triton is not None:
             if HAS_GAM:
                 cv = cv * tl.load(gam_ptr + n)
             acc = cv * sign
-        for l0 in range(0, L, BL):
-            if EVEN:  # the tiles divide the shapes: no masks
-                xt = tl.load(xb + (l0 + rl)[:, None] * sxl)
-                yt = tl.load(yb + (l0 + rl)[:, None] * syl)
-            else:
-                ml = (l0 + rl) < L
-                xt = tl.load(xb + (l0 + rl)[:, None] * sxl, mask=ml[:, None] & mm[None, :], other=0.0)
-                yt = tl.load(yb + (l0 + rl)[:, None] * syl, mask=ml[:, None] & mp[None, :], other=0.0)
-            acc = _tile_dot(xt, yt, acc, PREC, INTERPRETED)
+        acc = _product_rows(xb, yb, sxl, syl, L, rl, mm, mp, acc, BL, PREC, INTERPRETED, EVEN)
         if L2 > 0:  # the second pair (``more``): the same loop over its L2 rows
             xb2 = x2_ptr + n * s2xn + rm[None, :] * s2xm
             yb2 = y2_ptr + n * s2yn + rp[None, :] * s2yp
-            for l0 in range(0, L2, BL):
-                if EVEN:
-                    xt = tl.load(xb2 + (l0 + rl)[:, None] * s2xl)
-                    yt = tl.load(yb2 + (l0 + rl)[:, None] * s2yl)
-                else:
-                    ml = (l0 + rl) < L2
-                    xt = tl.load(xb2 + (l0 + rl)[:, None] * s2xl, mask=ml[:, None] & mm[None, :], other=0.0)
-                    yt = tl.load(yb2 + (l0 + rl)[:, None] * s2yl, mask=ml[:, None] & mp[None, :], other=0.0)
-                acc = _tile_dot(xt, yt, acc, PREC, INTERPRETED)
+            acc = _product_rows(xb2, yb2, s2xl, s2yl, L2, rl, mm, mp, acc, BL, PREC, INTERPRETED, EVEN)
         acc = acc * sign
         offs = n * M * P + rm[:, None] * P + rp[None, :]
         if EVEN:
