@@ -200,11 +200,13 @@ def detach_carry(*states: Sequence[Tensor] | None) -> tuple:
 
 
 def sq_norm(*states: Sequence[Tensor] | None) -> Tensor:
-    """Sum of squares of every weight of the given states (detached, float32)."""
+    """Sum of squares of every weight of the given states (detached, float32). One reduction
+    pass a weight, no squared copy (a wide level's state is hundreds of MB: an eager
+    ``pow(2).sum()`` wrote and read it once more each step)."""
     total = None
     for st in states:
         for w in st or ():
-            v = w.detach().float().pow(2).sum()
+            v = torch.linalg.vector_norm(w.detach().float()).square()
             total = v if total is None else total + v
     return total if total is not None else torch.zeros(())
 

@@ -115,11 +115,13 @@ def _operand_dtype(prec: str, dt: torch.dtype) -> torch.dtype:
 
 def _fused(fn):
     """``fn`` compiled by inductor where its first tensor is on CUDA, else ``fn`` itself.
-    ``NLC_WIDE_COMPILE=0``: uncompiled everywhere (for comparisons)."""
+    ``NLC_WIDE_COMPILE=0``: uncompiled everywhere (for comparisons); ``all``: compiled on any
+    device (the CPU tests of the compiled functions)."""
     compiled = []
 
     def call(*args):
-        if not args[0].is_cuda or os.environ.get("NLC_WIDE_COMPILE", "1") == "0":
+        mode = os.environ.get("NLC_WIDE_COMPILE", "1")
+        if mode == "0" or not (args[0].is_cuda or mode == "all"):
             return fn(*args)
         if not compiled:
             compiled.append(torch.compile(fn, dynamic=False, fullgraph=True))
@@ -151,31 +153,37 @@ def _write(z: Tensor, g: Tensor, cw: Tensor, act: str, od: torch.dtype, dt: torc
 
 @_fused
 def _errors(y: Tensor, kc: Tensor, v: Tensor, cw: Tensor, objective: str, residual: bool, od: torch.dtype,
-            dt: torch.dtype):  # fmt: skip
-    """``(Y, E, cw * E)``: the read (``dt``), the errors and the update's operand (``od``)."""
+            dt: torch.dtype, y_out: Tensor, e_out: Tensor) -> Tensor:  # fmt: skip
+    """The read ``Y`` (``dt``) and the errors ``E`` (``od``) written into ``y_out``, ``e_out`` (the
+    op's outputs: no copy after); returns ``cw * E``, the update's operand (``od``)."""
     y = y.to(dt)
     if residual:
         y = y + kc
     e = output_error(objective, y, v)
-    return y, e.to(od), (cw[..., None] * e).to(od)
+    y_out.copy_(y)
+    e_out.copy_(e)
+    return (cw[..., None] * e).to(od)
 
 
 @_fused
 def _backward_g(p1: Tensor, p2: Tensor, z: Tensor, g: Tensor, e: Tensor, cw: Tensor, act: str,
-                od: torch.dtype, dt: torch.dtype):  # fmt: skip
-    """``(gcw, (gU * H') as an operand, gE's update part -cw P2, cw * E as an operand)``."""
+                od: torch.dtype, dt: torch.dtype, gcw_out: Tensor):  # fmt: skip
+    """``((gU * H') as an operand, gE's update part -cw P2, cw * E as an operand)``; ``gcw`` written
+    into ``gcw_out``."""
     _, dh = activation_and_derivative(act, z.to(dt))
     g, e, cwc = g.to(dt), e.to(dt), cw[..., None]
     p1, p2 = p1.to(dt), p2.to(dt)
-    gcw = -(g * dh * p1).sum(-1) - (e * p2).sum(-1)
-    return gcw, (-cwc * p1 * dh).to(od), -cwc * p2, (cwc * e).to(od)
+    gcw_out.copy_(-(g * dh * p1).sum(-1) - (e * p2).sum(-1))
+    return (-cwc * p1 * dh).to(od), -cwc * p2, (cwc * e).to(od)
 
 
 @_fused
-def _backward_y(ge: Tensor, gy: Tensor, objective: str, od: torch.dtype):
-    """``(gV, gY' as an operand, gY')``: the read's gradient with the errors' (``l2``)."""
+def _backward_y(ge: Tensor, gy: Tensor, objective: str, od: torch.dtype, gv_out: Tensor):
+    """``(gY' as an operand, gY')``: the read's gradient with the errors' (``l2``); ``gV = -gE``
+    written into ``gv_out``."""
     gyt = gy + ge if objective == "l2" else gy
-    return -ge, gyt.to(od), gyt
+    gv_out.copy_(-ge)
+    return gyt.to(od), gyt
 
 
 @_fused
@@ -241,13 +249,13 @@ def wide_mlp2_sequence(
         w1s, w2s = k.new_empty(0), k.new_empty(0)
     w1e, w2e = k.new_empty(N, H, D), k.new_empty(N, Do, H)
     s1, s2 = w1, w2  # the float32 state at the start of chunk c
+    kbs = k.to(od)  # every chunk's keys as operands, in one pass
     for c in range(n):
-        kc = k[c]
-        kb = kc.to(od)
+        kc, kb = k[c], kbs[c]
         product(kb, w1o[c].mT, od, out=z[c])
         hb = _hidden(z[c], act, od, dt)
-        yc, ec, xe = _errors(product(hb, w2o[c].mT, od), kc, v[c], cw[c], objective, residual, od, dt)
-        y[c], e[c] = yc, ec
+        xe = _errors(product(hb, w2o[c].mT, od), kc, v[c], cw[c], objective, residual, od, dt, y[c], e[c])
+        ec = e[c]
         if c == n - 1 and not update_last:  # read only: the end state is the start state
             if s1 is not w1e:
                 w1e.copy_(s1)
@@ -319,9 +327,9 @@ def wide_mlp2_sequence_backward(
         g1o, g2o = k.new_empty(N, H, D, dtype=od), k.new_empty(N, Do, H, dtype=od)
     else:
         g1o, g2o = gw1.to(od, copy=True), gw2.to(od, copy=True)  # rewritten in place below
+    kbs = k.to(od)
     for c in reversed(range(n)):
-        kc = k[c]
-        kb = kc.to(od)
+        kb = kbs[c]
         zc, gc, ec = z[c], g[c], e[c]
         if c == n - 1 and not update_last:  # a read only: gW1 += gZ^T K, gW2 += gY^T H
             hb = _hidden(zc, act, od, dt)
@@ -331,8 +339,7 @@ def wide_mlp2_sequence_backward(
                 ggam[c] = 0.0
             gyb = gy[c].to(od)
             gzb = _backward_read(product(gyb, w2o[c], od), zc, act, od, dt)
-            gk_c = product(gzb, w1o[c], dt)
-            gk[c] = gk_c + gy[c] if residual else gk_c
+            product(gzb, w1o[c], dt, out=gk[c], acc=gy[c] if residual else None)
             accumulate(gzb, kb, t1, c=g1, out_op=g1o, prec=prec)
             accumulate(gyb, hb, t2, c=g2, out_op=g2o, prec=prec)
             g1, g2 = t1, t2
@@ -340,12 +347,12 @@ def wide_mlp2_sequence_backward(
         hb, xu = _hidden_and_write(zc, gc, cw[c], act, od, dt)
         p1 = product(kb, g1o.mT, od)
         p2 = product(hb, g2o.mT, od)
-        gcw[c], ggb, ge_write, xe = _backward_g(p1, p2, zc, gc, ec, cw[c], act, od, dt)
-        ge = ge_write + product(ggb, w2o[c].mT, dt)
-        gv[c], gytb, gyt = _backward_y(ge, gy[c], objective, od)
+        ggb, ge_write, xe = _backward_g(p1, p2, zc, gc, ec, cw[c], act, od, dt, gcw[c])
+        ge = product(ggb, w2o[c].mT, dt, acc=ge_write)
+        gytb, gyt = _backward_y(ge, gy[c], objective, od, gv[c])
         gzb = _backward_z(product(gytb, w2o[c], od), product(xe, g2o, od), p1, zc, gc, cw[c], act, od, dt)
-        gk_c = product(gzb, w1o[c], dt) - product(xu, g1o, dt)
-        gk[c] = gk_c + gyt if residual else gk_c
+        product(gzb, w1o[c], dt, out=gk[c], acc=gyt if residual else None)
+        product(xu, g1o, dt, out=gk[c], acc=gk[c], alpha=-1.0)  # gK = gZ W1 (+ gY') - (cw U) gW1
         if decay:
             ggam[c] = (g1 * w1s[c]).sum((-2, -1)) + (g2 * w2s[c]).sum((-2, -1))
         gmc = gam[c] if decay else None

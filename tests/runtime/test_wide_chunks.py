@@ -98,6 +98,23 @@ def test_wide_sequence_declines(monkeypatch):
     assert not ok()
 
 
+def test_compiled_elementwise_functions_match_reference(counted, monkeypatch):
+    """The chunks' elementwise functions compiled by inductor (as on CUDA; ``NLC_WIDE_COMPILE=all``
+    compiles them here too), writing the op's outputs in place, give the reference's values and
+    gradients (float64; residual, decay, the dot objective's sibling l2)."""
+    monkeypatch.setenv("NLC_WIDE_COMPILE", "all")
+    spec = MemorySpec("residual_mlp", 6, 6, hidden=7, depth=2, act="tanh")
+    rule = RuleSpec("gd")
+    p = make_problem(spec, rule, B=2, H=3, T=9, seed=seed_of("compiled", "tanh"))
+    p["q"] = p["k"]
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    compare(spec, "l2", rule, p, 3, "chunk", tol=1e-9, fn=_sequence(counted))
+    assert counted, "sequence_step did not take the wide op"
+    assert counters["stats"]["unique_graphs"] > before, "nothing was compiled"
+
+
 def test_wide_sequence_under_bf16_autocast_tracks_the_chunk_loop(monkeypatch):
     """Under bf16 autocast the op multiplies bf16 copies of its float32 state, as the chunk loop's
     products do: the two agree to bf16 rounding, and the state stays float32."""

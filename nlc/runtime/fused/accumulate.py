@@ -12,7 +12,9 @@ out, then read with the state and summed, then the sum converted to the next pro
 operand. :func:`accumulate` does it in one Triton kernel: each program loads its tile of ``c``
 as the starting value of its tile of the product, accumulates the product onto it, and stores
 the sum in float32 and, when asked, its operand copy. Elsewhere (the CPU, float64, no Triton)
-the same values come from ``torch.bmm``.
+the same values come from ``torch.bmm``. ``NLC_WIDE_UPDATE=cublas`` (CUDA, no decay) runs cuBLAS
+with the state added in its epilogue, then the operand copy, instead: slower in the CMS level on
+an H200 (13.0-13.2 against 12.3-12.4 ms a step), kept for that comparison.
 
 Shapes: ``x`` ``[N, L, M]``, ``y`` ``[N, L, P]`` (the products' operands: bf16, or float32 for
 TF32 / IEEE products); ``c`` ``[N, M, P]`` (any strides, e.g. a broadcast initial state) or
@@ -68,10 +70,23 @@ def _use_kernel(x: Tensor, out: Tensor) -> bool:
     return out.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float32)
 
 
-def product(a: Tensor, b: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+def product(a: Tensor, b: Tensor, dtype: torch.dtype, out: Tensor | None = None, *, acc: Tensor | None = None,
+            alpha: float = 1.0) -> Tensor:
     """``a @ b`` (batched) with its result in ``dtype``: operands already in ``dtype`` multiply as
     they are (bf16 ones accumulate in float32 in cuBLAS); bf16 operands on CUDA with a float32
-    ``dtype`` give the float32 result straight from cuBLAS (``out_dtype``), not a rounded copy."""
+    ``dtype`` give the float32 result straight from cuBLAS (``out_dtype``), not a rounded copy.
+
+    ``acc`` (``dtype``): ``acc + alpha * a @ b`` instead, the sum in the product's epilogue on CUDA
+    (``baddbmm``: no separate pass for the addition); ``out`` may be ``acc``."""
+    if acc is not None:
+        if a.is_cuda:
+            kw = {} if a.dtype == dtype else {"out_dtype": dtype}
+            if out is not None:
+                return torch.baddbmm(acc, a, b, alpha=alpha, out=out, **kw)
+            return torch.baddbmm(acc, a, b, alpha=alpha, **kw)
+        r = product(a, b, dtype)
+        r = acc + r if alpha == 1.0 else acc + alpha * r
+        return out.copy_(r) if out is not None else r
     if a.dtype == dtype:
         return torch.bmm(a, b, out=out) if out is not None else torch.bmm(a, b)
     if a.is_cuda:
@@ -95,6 +110,21 @@ def accumulate(x: Tensor, y: Tensor, out: Tensor, *, c: Tensor | None = None, ga
     P = y.shape[-1]
     if sign not in (1.0, -1.0):
         raise ValueError(f"accumulate: sign must be +1 or -1, got {sign}")
+    if x.is_cuda and gam is None and os.environ.get("NLC_WIDE_UPDATE", "kernel") == "cublas":
+        # cuBLAS with the state added in its epilogue, then the operand copy: a comparison
+        # (``benchmarks/acc_variants.py``) for updates without decay
+        kw = {} if x.dtype == out.dtype else {"out_dtype": out.dtype}
+        if c is None:
+            torch.bmm(x.mT, y, out=out, **kw)
+            if sign != 1.0:
+                out.neg_()
+        else:
+            torch.baddbmm(torch.broadcast_to(c, (N, M, P)), x.mT, y, alpha=sign, out=out, **kw)
+        if more is not None:
+            torch.baddbmm(out, more[0].mT, more[1], alpha=sign, out=out, **kw)
+        if out_op is not None:
+            out_op.copy_(out)
+        return out
     if _use_kernel(x, out):
         if c is not None:
             c = torch.broadcast_to(c, (N, M, P))
