@@ -41,9 +41,10 @@ float32 chunk-start states too).
 Values and gradients are ``run_chunks`` over ``chunk_step``'s, up to rounding: tested against the
 per-token reference in float64 (``tests/runtime/test_wide_chunks.py``), and on CUDA in float32
 and bf16 against the chunk loop in float64. On an H200 the CMS level above went from 14.5-14.7
-to 12.8-12.9 ms a step at period 512, and HOPE's CMS levels at d 768 by a fifth; the state
-update kernel is now the largest part (about 160 us a call, 30 calls a step at period 512: its
-product runs at 1.5-2x cuBLAS's time), then the products (``benchmarks/RESULTS.md``).
+to 12.3 ms a step at period 512, and HOPE's CMS levels at d 768 by a fifth; the state update
+kernel is now the largest part (about 160 us a call, 30 calls, 4.8 of 11.8 ms of GPU time a step
+at period 512: its product runs at 1.5-2x cuBLAS's time), then the products (about 4 ms;
+``benchmarks/RESULTS.md``, where the kernel's other forms tried are too).
 """
 
 from __future__ import annotations
