@@ -22,34 +22,51 @@ What it measures (``docs/benchmarks.md`` has the definitions and formulas):
   ``fullgraph=True`` holds (else the graph breaks of a ``fullgraph=False`` compile) and the
   recompiles during the timed steps.
 
-Python API: :func:`run_bench` returns the JSON dict; :func:`count_flops`, :func:`level_flops`,
-:func:`measure_ceilings`, :func:`load_spec` and :func:`environment` are reused by
-``benchmarks/peers.py``.
+Python API: :func:`run_bench` returns the JSON dict. The FLOP counts live in ``nlc.flops``
+(:func:`count_flops`, :func:`level_flops`), the environment, ceilings and step statistics in
+``nlc.measure`` (:func:`environment`, :func:`measure_ceilings`, :func:`time_calls`); this module
+re-exports them, and ``benchmarks/peers.py`` reuses them with :func:`load_spec`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import difflib
 import hashlib
 import json
-import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .flops import (
+    attention_flops,
+    chunk_step_flops,
+    chunk_steps_per_forward,
+    count_flops,
+    level_flops,
+    memory_flops,
+)
+from .measure import (
+    PEAK_TFLOPS,
+    _sync,
+    environment,
+    measure_ceilings,
+    mfu_block,
+    step_stats,
+    time_calls,
+)
+
 __all__ = [
     "PEAK_TFLOPS",
     "add_parser",
     "apply_dims",
+    "attention_flops",
+    "chunk_step_flops",
+    "chunk_steps_per_forward",
     "cmd_bench",
     "count_flops",
     "environment",
@@ -58,19 +75,11 @@ __all__ = [
     "load_spec",
     "measure_ceilings",
     "memory_flops",
-    "chunk_step_flops",
     "parse_dims",
     "run_bench",
     "step_stats",
+    "time_calls",
 ]
-
-#: Dense (no sparsity) tensor-core peaks of an H100 SXM in TFLOP/s, by the dtype of the run; an
-#: H200 has the same (the same chip and clocks, with more and faster memory).
-#: ``fp32`` runs use TF32 tensor cores (``torch.set_float32_matmul_precision("high")``, as the
-#: generated train.py does), so their peak is TF32's.
-PEAK_TFLOPS = {"bf16": 989.4, "fp32": 494.7}
-PEAK_NOTE = "H100/H200 SXM dense peak (bf16 989.4, TF32 494.7 TFLOP/s)"
-
 
 class BenchError(Exception):
     """A problem with the bench's arguments (exit status 2), not with the spec."""
@@ -200,468 +209,6 @@ def load_spec(spec: str | os.PathLike, dims: dict[str, int] | None = None, seq_l
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     module = load_source(compiled.model_source, f"nlc_bench_{compiled.plan.name}_{digest}", compiled.plan.spec_file)
     return LoadedSpec(result.program, module, module.Model, name, text, dims)
-
-
-# ---- FLOP counting -------------------------------------------------------------------------------
-
-
-def memory_flops(spec) -> int:
-    """Forward matmul FLOPs of one memory on one token: ``sum_l 2 * out_l * in_l``."""
-    return sum(2 * o * i for o, i in spec.weight_shapes())
-
-
-def chunk_step_flops(spec, rule, read: str, C: int, with_query: bool, update: bool = True,
-                     reads_keys: bool = False) -> tuple[int, int]:
-    """Forward FLOPs of one ``nlc.runtime.chunk.chunk_step`` call for one (sequence, head).
-
-    Returns ``(matmul, solve)``: the matrix-product FLOPs (2 per multiply-add; exactly what
-    ``torch.utils.flop_counter.FlopCounterMode`` counts for the call) and the FLOPs of the DGD
-    unit-triangular solves (``C (C - 1)`` per right-hand side), which FlopCounterMode does not see.
-    Follows the runtime term by term (``docs/benchmarks.md`` lists the terms). ``update=False``:
-    a chunk whose end state nothing reads (the read alone, or the causal read's algebra without
-    the end state); ``reads_keys``: the queries are the keys, and a chunk read is the keys'
-    forward, counted once.
-    """
-    shapes = spec.weight_shapes()
-    if not update and (not with_query or read == "chunk"):
-        return (2 * C * sum(o * i for o, i in shapes) if with_query else 0), 0
-    n = len(shapes)
-    mom = rule.uses_momentum
-    if rule.is_dgd:
-        pre = [True] * n if rule.dgd_layers == "all" else list(spec.input_side())
-    else:
-        pre = [False] * n
-    full = read == "causal" or any(pre)
-    P = [o * i for o, i in shapes]
-    f = 0
-    solve = 0
-    # the memory's forward on the keys and its closed-form backward (one product per weight but
-    # the input-side one; for a SwiGLU only the output weight is back-propagated through)
-    f += 2 * C * sum(P)
-    f += 2 * C * (P[2] if spec.kind == "swiglu" else sum(P[1:]))
-    # chunk coefficients: G = A @ Bm (C x C x C) and d = A @ b with momentum
-    if mom:
-        f += (2 * C**3 + 2 * C**2) if full else 2 * C**2
-    for (o, i), p in zip(shapes, pre):
-        if full and p:  # DGD: a a^T, W0 a (and S0 a), the masked gradient term, the solve
-            f += 2 * C * C * i + 2 * C * i * o + (2 * C * i * o if mom else 0) + 2 * C * C * i + 2 * C * C * o
-            solve += C * (C - 1) * o
-        if update:
-            f += 2 * C * o * i + (2 * C * o * i if p else 0)  # chunk-end weight
-        if mom and update:
-            f += 2 * C * o * i  # chunk-end momentum
-        if with_query and read == "causal":  # token t reads W_t, layer by layer
-            f += 2 * C * o * i + (2 * C * o * i if mom else 0) + 2 * C * C * (i + o)
-            if p:
-                f += 2 * C * C * (i + o)
-    if with_query and read == "chunk" and not reads_keys:
-        f += 2 * C * sum(P)  # every token reads the chunk-start memory
-    return f, solve
-
-
-def _read_nodes(flow) -> list:
-    """The state reads in a flow expression (not following ``ref``s to other bindings)."""
-    out = []
-    stack = [flow]
-    while stack:
-        f = stack.pop()
-        if f is None:
-            continue
-        if f.kind == "read":
-            out.append(f)
-        stack.append(f.arg)
-    return out
-
-
-def _depends_on_state(lv, flow, memo: dict) -> bool:
-    for f in flow.walk():
-        if f.kind == "read":
-            return True
-        if f.kind == "ref":
-            if f.name not in memo:
-                memo[f.name] = False  # no cycles in a verified program; guard anyway
-                b = lv.binding(f.name)
-                memo[f.name] = b is not None and _depends_on_state(lv, b.flow, memo)
-            if memo[f.name]:
-                return True
-    return False
-
-
-def level_flops(lv, T: int, persist: bool | None = None) -> dict:
-    """Forward inner-loop FLOPs of one in-context level over one sequence of ``T`` tokens.
-
-    Counted from the IR the way the generated code computes the level (``nlc.lower.levels``):
-    per chunk of C tokens (a last partial chunk is counted at its size) and per head,
-
-    * every flow that reads a chunk-start state (``mk(x)``): one memory forward per token;
-    * ``target self``: each memory's forward on the values;
-    * each state: one ``chunk_step`` (:func:`chunk_step_flops`): the memory's forward on the
-      keys, its closed-form backward, the rule's chunk algebra, the chunk-end state, and for the
-      state the level reads, the read of the queries (none apart where the queries are the keys,
-      ``Level.reads_at_keys``);
-    * a chunk whose end state nothing reads (the last one, and the last one before each reset, of
-      a level that does not keep its state: ``persist``, by default the level's ``reset never``):
-      its reads only, as ``run_chunks(..., final_state=False)`` runs it. Where the fused or the
-      linear whole-sequence op runs the level (``nlc.runtime.chunks.sequence_step``) it updates
-      that chunk too (the wide MLP op does not), and the count is the level's need, below what
-      runs.
-
-    Returns ``{"matmul": int, "solve": int}`` for the whole sequence and one sequence (multiply
-    by the batch). The level's projections, convolutions and output (ordinary parameters) are not
-    included: :func:`count_flops` counts them with the dense parameters.
-    """
-    from .reference_level import memory_spec, rule_spec
-    from .runtime.chunks import boundaries
-
-    H = int(lv.heads)
-    C = int(lv.period.every)
-    rule = rule_spec(lv)
-    specs = {st.name: memory_spec(st.memory) for st in lv.states}
-    node = lv.reads
-    while node is not None and node.kind == "op":
-        node = node.arg
-    read_state = node.name if node is not None and node.kind == "read" else (lv.states[0].name if lv.states else None)
-    read_arg = node.arg if node is not None and node.kind == "read" else None
-    memo: dict = {}
-    per_token_reads = 0
-    for b in lv.bindings:
-        if _depends_on_state(lv, b.flow, memo):
-            per_token_reads += sum(memory_flops(specs[r.name]) for r in _read_nodes(b.flow) if r.name in specs)
-    if read_arg is not None:
-        per_token_reads += sum(memory_flops(specs[r.name]) for r in _read_nodes(read_arg) if r.name in specs)
-    if lv.target == "self":
-        per_token_reads += sum(memory_flops(s) for s in specs.values())
-
-    reads_keys = lv.reads_at_keys()
-
-    def one_chunk(c: int, update: bool) -> tuple[int, int]:
-        m, s = per_token_reads * c, 0
-        for st in lv.states:
-            is_read = st.name == read_state
-            fm, fs = chunk_step_flops(specs[st.name], rule, lv.read_mode if is_read else "chunk", c, is_read,
-                                      update, reads_keys and is_read)
-            m, s = m + fm, s + fs
-        return m, s
-
-    # the chunks as nlc.runtime.chunks.run_chunks's loop runs them: a level that does not keep
-    # its state across calls skips the update of each chunk whose end state nothing reads (the
-    # last one, and the last one before each reset)
-    if persist is None:
-        persist = lv.reset.mode == "never"
-    reset_every = int(lv.reset.every) if lv.reset.mode == "every" else None
-    segments = boundaries(T, C, reset_every, None)
-    matmul = solve = 0
-    for i, (s0, s1, _, _) in enumerate(segments):
-        dead_end = not persist and (i + 1 == len(segments) or segments[i + 1][2])
-        starts = list(range(s0, s1, C))
-        for j, c0 in enumerate(starts):
-            m, s = one_chunk(min(C, s1 - c0), not (dead_end and j == len(starts) - 1))
-            matmul, solve = matmul + m, solve + s
-    return {"matmul": matmul * H, "solve": solve * H}
-
-
-def attention_flops(lv, T: int, width: int) -> int:
-    """Forward FLOPs of one attention level over one sequence: ``sum_t 4 * width * ctx(t)``.
-
-    ``ctx(t) = min(t + 1, window)``: causal attention does half the work of the full T x T
-    products (QK^T and PV, 2 FLOPs per multiply-add each).
-    """
-    window = lv.primary.memory.option("window") if lv.primary is not None else None
-    window = int(window) if window else None
-    if window is None or window >= T:
-        ctx = T * (T + 1) // 2
-    else:
-        ctx = window * (window + 1) // 2 + (T - window) * window
-    return 4 * width * ctx
-
-
-def _level_repeats(program) -> dict[str, int]:
-    """How many times each level is instantiated (its block's repeat count)."""
-    out: dict[str, int] = {}
-    for lv in program.levels:
-        block = program.block(lv.block) if lv.block else None
-        out[lv.name] = int(block.repeat) if block is not None else 1
-    return out
-
-
-def chunk_steps_per_forward(program, seq_len: int) -> int:
-    """Chunk steps one forward runs: per in-context level, chunks x states x the block's repeats.
-
-    Eagerly each is a handful of kernel launches, so this sizes the launch overhead of an eager
-    step. (Under ``torch.compile`` the chunks run through ``scan``: the graph holds the step once.)
-    """
-    from . import ir
-
-    reps = _level_repeats(program)
-    n = 0
-    for lv in program.levels:
-        if lv.kind is ir.LevelKind.IN_CONTEXT:
-            n += reps.get(lv.name, 1) * math.ceil(seq_len / int(lv.period.every)) * max(1, len(lv.states))
-    return n
-
-
-def count_flops(program, model, seq_len: int) -> dict:
-    """FLOPs per token of one training step (forward + backward) of ``model`` at ``seq_len``.
-
-    * ``6n``: ``6 * N``, N = every trainable parameter, the token embedding excluded unless it
-      is the tied output head.
-    * ``dense``: ``6 * N_dense``, N_dense = the parameters applied to every token by a matrix
-      product or a convolution (matrices and convolution kernels; not norm gains, not an untied
-      embedding table, not the learned initial states of in-context levels, whose products are
-      part of the inner loop).
-    * ``attention``: 3 x the forward of every attention level (causal, windowed if so).
-    * ``inner``: 3 x the forward inner-loop FLOPs of every in-context level (:func:`level_flops`),
-      ``inner_solve`` the DGD triangular solves among them.
-    * ``model`` = dense + attention + inner. Backward is taken as 2 x forward throughout.
-    """
-    from . import ir
-    from .runtime.flows import MemoryInit
-
-    init_ids = {id(p) for m in model.modules() if isinstance(m, MemoryInit) for p in m.parameters()}
-    embed = getattr(model, "embed", None)
-    embed_ids = {id(embed.weight)} if embed is not None and program.head != "tied" else set()
-    n_total = n_6n = n_dense = n_init = 0
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        n_total += p.numel()
-        if id(p) in embed_ids:
-            continue
-        n_6n += p.numel()
-        if id(p) in init_ids:
-            n_init += p.numel()
-        elif p.dim() >= 2:
-            n_dense += p.numel()
-    repeats = _level_repeats(program)
-    T = int(seq_len)
-    width = int(program.d_model)
-    levels = []
-    attn = inner = solve = 0
-    for lv in program.levels:
-        r = repeats.get(lv.name, 1)
-        if lv.kind is ir.LevelKind.ATTENTION:
-            f = attention_flops(lv, T, width)
-            attn += r * f
-            levels.append({"name": lv.name, "kind": "attention", "repeat": r, "fwd_per_token": f / T})
-        elif lv.kind is ir.LevelKind.IN_CONTEXT:
-            f = level_flops(lv, T)
-            inner += r * f["matmul"]
-            solve += r * f["solve"]
-            levels.append(
-                {
-                    "name": lv.name,
-                    "kind": "in_context",
-                    "repeat": r,
-                    "period": int(lv.period.every),
-                    "heads": int(lv.heads),
-                    "read": lv.read_mode,
-                    "rule": lv.rule,
-                    "fwd_per_token": f["matmul"] / T,
-                    "fwd_solve_per_token": f["solve"] / T,
-                }
-            )
-    dense = 6 * n_dense
-    out = {
-        "6n": 6 * n_6n,
-        "dense": dense,
-        "attention": 3 * attn / T,
-        "inner": 3 * (inner + solve) / T,
-        "inner_solve": 3 * solve / T,
-        "levels": levels,
-        "params": {
-            "total": n_total,
-            "n_6n": n_6n,
-            "n_dense": n_dense,
-            "in_context_init": n_init,
-            "embedding_excluded": n_total - n_6n,
-        },
-    }
-    out["model"] = out["dense"] + out["attention"] + out["inner"]
-    return out
-
-
-# ---- environment and ceilings --------------------------------------------------------------------
-
-
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def tree_hash() -> str | None:
-    """A fingerprint of the code that ran: nlc, its grammar and templates, and benchmarks/.
-
-    The device machine gets the working tree without ``.git``, so the commit may be unknown there;
-    this hash, computed the same way on any checkout, identifies the version.
-    """
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    n = 0
-    for pattern in ("nlc/**/*.py", "grammar/*", "codegen_templates/*", "benchmarks/*.py", "benchmarks/specs/*.nl"):
-        for f in sorted(root.glob(pattern)):
-            if f.is_file() and "__pycache__" not in f.parts:
-                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-                n += 1
-    return h.hexdigest()[:12] if n else None
-
-
-def environment(device=None) -> dict:
-    """Card, versions and date of a run (what every published number must carry)."""
-    import torch
-
-    from . import __version__
-
-    try:
-        import triton  # noqa: PLC0415
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - absent or broken: say so, do not fail
-        triton_version = None
-    dev = torch.device(device) if device is not None else None
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": str(dev) if dev is not None else None,
-        "device_name": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "nlc": __version__,
-        "commit": _git_commit(),
-        "tree": tree_hash(),
-    }
-    if dev is not None and dev.type == "cuda":
-        idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(idx)
-        info["device_name"] = torch.cuda.get_device_name(idx)
-        info["sm_count"] = props.multi_processor_count
-        info["memory_gib"] = round(props.total_memory / 2**30, 1)
-    else:
-        info["cpu_threads"] = torch.get_num_threads()
-    return info
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], Any], device, repeat: int) -> list[float]:
-    """Seconds of each of ``repeat`` calls (CUDA events on a GPU, a host clock on the CPU)."""
-    import torch
-
-    times = []
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
-        for a, b in events:
-            a.record()
-            fn()
-            b.record()
-        torch.cuda.synchronize(device)
-        times = [a.elapsed_time(b) / 1e3 for a, b in events]
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def measure_ceilings(device, dtype: str = "bf16", n: int | None = None) -> dict:
-    """The card's ceilings in this process: an ``n``³ GEMM (random data) and a device-to-device copy.
-
-    On CUDA: 8192³ in bf16 (fp32 runs: TF32), a 1 GiB copy counted as bytes read plus written;
-    medians of 10 after 3 warm-ups. On the CPU: 1024³ fp32 and 64 MiB, for scale only.
-    """
-    import torch
-
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    n = n or (8192 if cuda else 1024)
-    dt = torch.bfloat16 if (dtype == "bf16" and cuda) else torch.float32
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dt, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dt, generator=g)
-    c = torch.empty(n, n, device=device, dtype=dt)
-    for _ in range(3):
-        torch.mm(a, b, out=c)
-    _sync(device)
-    t = statistics.median(time_calls(lambda: torch.mm(a, b, out=c), device, 10))
-    gemm = 2 * n**3 / t / 1e12
-    a = b = c = None  # free before the copy test
-    nbytes = (1 << 30) if cuda else (64 << 20)
-    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).normal_(generator=g)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    _sync(device)
-    tc = statistics.median(time_calls(lambda: dst.copy_(src), device, 10))
-    src = dst = None
-    if cuda:
-        torch.cuda.empty_cache()
-    return {
-        "gemm_tflops": float(f"{gemm:.4g}"),
-        "gemm": f"{n}x{n}x{n} {str(dt).replace('torch.', '')}",
-        "copy_tbs": float(f"{2 * nbytes / tc / 1e12:.4g}"),
-        "copy_bytes": nbytes,
-    }
-
-
-def step_stats(times: list[float], tokens: int) -> dict:
-    """Median, p10 and p90 of step times (ms) and the tokens/s they give."""
-    xs = sorted(times)
-
-    def pct(q):
-        if len(xs) == 1:
-            return xs[0]
-        k = (len(xs) - 1) * q
-        lo, hi = math.floor(k), math.ceil(k)
-        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-    med, p10, p90 = statistics.median(xs), pct(0.1), pct(0.9)
-    return {
-        "steps": len(xs),
-        "step_ms": {"median": med * 1e3, "p10": p10 * 1e3, "p90": p90 * 1e3, "mean": statistics.fmean(xs) * 1e3},
-        # a slow step (p90 time) gives the low tokens/s, so p10 of tokens/s is tokens / p90 time
-        "tokens_per_s": {"median": tokens / med, "p10": tokens / p90, "p90": tokens / p10},
-    }
-
-
-def mfu_block(flops: dict, tokens_per_s: float, dtype: str, device, gemm_tflops: float | None) -> dict:
-    """Achieved TFLOP/s and MFU (6N and model counts) against the spec peak and the measured GEMM."""
-    cuda = getattr(device, "type", str(device)) == "cuda"
-    peak = PEAK_TFLOPS.get(dtype) if cuda else None
-    out = {
-        "peak_tflops": peak,
-        "peak_note": PEAK_NOTE if cuda else "no spec peak for the CPU",
-        "gemm_tflops": gemm_tflops,
-        "achieved_tflops": {},
-        "vs_peak": {},
-        "vs_gemm": {},
-    }
-    for key in ("6n", "model"):
-        tf = flops[key] * tokens_per_s / 1e12
-        out["achieved_tflops"][key] = tf
-        out["vs_peak"][key] = tf / peak if peak else None
-        out["vs_gemm"][key] = tf / gemm_tflops if gemm_tflops else None
-    return out
 
 
 # ---- the benchmark -------------------------------------------------------------------------------
