@@ -28,6 +28,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# the same timing as the kernel's other benchmark (this folder is on the path when run as a script)
+from wide_diag import timed
+
 from nlc.runtime.fused.accumulate import accumulate
 
 
@@ -87,21 +90,6 @@ def tma_accumulate(x, y, out, c, gam, sign, op, tile, persistent, flatten, ws, p
         BM, BP, BL, progs, persistent, flatten, ws, tma_out, out, op, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
-
-
-def timed(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def overlap(x, y, out, c, gam, op, rows):
