@@ -101,7 +101,7 @@ def test_wide_sequence_declines(monkeypatch):
 def test_compiled_elementwise_functions_match_reference(counted, monkeypatch):
     """The chunks' elementwise functions compiled by inductor (as on CUDA; ``NLC_WIDE_COMPILE=all``
     compiles them here too), writing the op's outputs in place, give the reference's values and
-    gradients (float64; residual, decay, the dot objective's sibling l2)."""
+    gradients (float64; a residual MLP with tanh, decay, objective l2)."""
     monkeypatch.setenv("NLC_WIDE_COMPILE", "all")
     spec = MemorySpec("residual_mlp", 6, 6, hidden=7, depth=2, act="tanh")
     rule = RuleSpec("gd")
