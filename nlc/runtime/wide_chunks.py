@@ -41,7 +41,7 @@ float32 chunk-start states too).
 Values and gradients are ``run_chunks`` over ``chunk_step``'s, up to rounding: tested against the
 per-token reference in float64 (``tests/runtime/test_wide_chunks.py``), and on CUDA in float32
 and bf16 against the chunk loop in float64. On an H200 the CMS level above went from 14.5-14.7
-to 12.3 ms a step at period 512, and HOPE's CMS levels at d 768 by a fifth; the state update
+to 12.1 ms a step at period 512, and HOPE's CMS levels at d 768 by a fifth; the state update
 kernel is now the largest part (about 160 us a call, 30 calls, 4.8 of 11.8 ms of GPU time a step
 at period 512: its product runs at 1.5-2x cuBLAS's time), then the products (about 4 ms;
 ``benchmarks/RESULTS.md``, where the kernel's other forms tried are too).
@@ -106,6 +106,13 @@ def _act2(name: str, z: Tensor) -> Tensor:
 
 def _operand_dtype(prec: str, dt: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if prec == "bf16" and dt == torch.float32 else dt
+
+
+def _chunk_major(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` ``[N, n, ...]`` as ``[n, N, ...]``, contiguous, in ``dtype``: one pass (each chunk's
+    operand then a contiguous slice)."""
+    out = t.new_empty(t.shape[1], t.shape[0], *t.shape[2:], dtype=dtype)
+    return out.copy_(t.transpose(0, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,23 +228,23 @@ def wide_mlp2_sequence(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``n`` chunks of ``N`` depth-2 MLP memories, chunk after chunk (module docstring).
 
-    k ``[n, N, C, D]`` and v ``[n, N, C, Do]`` (chunk-major), w1 ``[N, hidden, D]`` and w2
-    ``[N, Do, hidden]`` the state at the start of the first chunk, cw ``[n, N, C]`` and gam
-    ``[n, N]`` each chunk's coefficients (gam is used only with ``decay``), all in one dtype
-    (float32 or float64). ``prec``: ``bf16`` for bf16 operands of the products, else the dtype's.
+    k ``[N, n, C, D]`` and v ``[N, n, C, Do]`` (the tokens' own order: sequence, then chunk),
+    w1 ``[N, hidden, D]`` and w2 ``[N, Do, hidden]`` the state at the start of the first chunk,
+    cw ``[n, N, C]`` and gam ``[n, N]`` each chunk's coefficients (gam is used only with
+    ``decay``), all in one dtype (float32 or float64). ``prec``: ``bf16`` for bf16 operands of the products, else the dtype's.
     ``update_last=False``: the last chunk is read only (nothing reads its end state).
 
-    Returns ``(y [n, N, C, Do], w1_end, w2_end, w1_ops, w2_ops, z, g, e, w1_starts, w2_starts)``:
+    Returns ``(y [N, n, C, Do], w1_end, w2_end, w1_ops, w2_ops, z, g, e, w1_starts, w2_starts)``:
     the reads and the state at the end of the last chunk (at its start without ``update_last``);
-    for the backward, every chunk's
-    weights, ``Z``, ``G`` and ``E`` in the operand dtype (``[n, N, ...]``), and with ``decay`` the
-    float32 chunk-start states (else empty ``[0]`` tensors).
+    for the backward, every chunk's weights, ``Z``, ``G`` and ``E`` in the operand dtype
+    (chunk-major, ``[n, N, ...]``), and with ``decay`` the float32 chunk-start states (else empty
+    ``[0]`` tensors).
     """
-    n, N, C, D = k.shape
+    N, n, C, D = k.shape
     H, Do = w1.shape[-2], w2.shape[-2]
     dt = k.dtype
     od = _operand_dtype(prec, dt)
-    y = v.new_empty(n, N, C, Do)
+    y = v.new_empty(N, n, C, Do)
     z, g, e = k.new_empty(n, N, C, H, dtype=od), k.new_empty(n, N, C, H, dtype=od), v.new_empty(n, N, C, Do, dtype=od)
     w1o, w2o = k.new_empty(n, N, H, D, dtype=od), k.new_empty(n, N, Do, H, dtype=od)
     w1o[0].copy_(w1)
@@ -250,12 +257,12 @@ def wide_mlp2_sequence(
         w1s, w2s = k.new_empty(0), k.new_empty(0)
     w1e, w2e = k.new_empty(N, H, D), k.new_empty(N, Do, H)
     s1, s2 = w1, w2  # the float32 state at the start of chunk c
-    kbs = k.to(od)  # every chunk's keys as operands, in one pass
+    kbs = _chunk_major(k, od)  # every chunk's keys as operands, in one pass
     for c in range(n):
-        kc, kb = k[c], kbs[c]
+        kc, kb = k[:, c], kbs[c]
         product(kb, w1o[c].mT, od, out=z[c])
         hb = _hidden(z[c], act, od, dt)
-        xe = _errors(product(hb, w2o[c].mT, od), kc, v[c], cw[c], objective, residual, od, dt, y[c], e[c])
+        xe = _errors(product(hb, w2o[c].mT, od), kc, v[:, c], cw[c], objective, residual, od, dt, y[:, c], e[c])
         ec = e[c]
         if c == n - 1 and not update_last:  # read only: the end state is the start state
             if s1 is not w1e:
@@ -276,10 +283,10 @@ def wide_mlp2_sequence(
 
 @wide_mlp2_sequence.register_fake
 def _(k, v, w1, w2, cw, gam, act, residual, objective, prec, decay, update_last):
-    n, N, C, D = k.shape
+    N, n, C, D = k.shape
     H, Do = w1.shape[-2], w2.shape[-2]
     od = _operand_dtype(prec, k.dtype)
-    y = v.new_empty(n, N, C, Do)
+    y = v.new_empty(N, n, C, Do)
     starts = (k.new_empty(n, N, H, D), k.new_empty(n, N, Do, H)) if decay else (k.new_empty(0), k.new_empty(0))
     return (y, k.new_empty(N, H, D), k.new_empty(N, Do, H), k.new_empty(n, N, H, D, dtype=od),
             k.new_empty(n, N, Do, H, dtype=od), k.new_empty(n, N, C, H, dtype=od),
@@ -311,7 +318,7 @@ def wide_mlp2_sequence_backward(
     """The backward of :func:`wide_mlp2_sequence` (module docstring): ``(gk, gv, gw1, gw2, gcw,
     ggam)`` from the saved tensors and the gradients of the reads and of the end state (``gw1``,
     ``gw2`` empty ``[0]``: zero, not materialised)."""
-    n = k.shape[0]
+    n = k.shape[1]
     N, H, D = w1o.shape[1:]
     Do = w2o.shape[2]
     dt = k.dtype
@@ -328,19 +335,19 @@ def wide_mlp2_sequence_backward(
         g1o, g2o = k.new_empty(N, H, D, dtype=od), k.new_empty(N, Do, H, dtype=od)
     else:
         g1o, g2o = gw1.to(od, copy=True), gw2.to(od, copy=True)  # rewritten in place below
-    kbs = k.to(od)
+    kbs = _chunk_major(k, od)
     for c in reversed(range(n)):
         kb = kbs[c]
         zc, gc, ec = z[c], g[c], e[c]
         if c == n - 1 and not update_last:  # a read only: gW1 += gZ^T K, gW2 += gY^T H
             hb = _hidden(zc, act, od, dt)
             gcw[c] = 0.0
-            gv[c] = 0.0
+            gv[:, c] = 0.0
             if decay:
                 ggam[c] = 0.0
-            gyb = gy[c].to(od)
+            gyb = gy[:, c].to(od)
             gzb = _backward_read(product(gyb, w2o[c], od), zc, act, od, dt)
-            product(gzb, w1o[c], dt, out=gk[c], acc=gy[c] if residual else None)
+            product(gzb, w1o[c], dt, out=gk[:, c], acc=gy[:, c] if residual else None)
             accumulate(gzb, kb, t1, c=g1, out_op=g1o, prec=prec)
             accumulate(gyb, hb, t2, c=g2, out_op=g2o, prec=prec)
             g1, g2 = t1, t2
@@ -350,10 +357,10 @@ def wide_mlp2_sequence_backward(
         p2 = product(hb, g2o.mT, od)
         ggb, ge_write, xe = _backward_g(p1, p2, zc, gc, ec, cw[c], act, od, dt, gcw[c])
         ge = product(ggb, w2o[c].mT, dt, acc=ge_write)
-        gytb, gyt = _backward_y(ge, gy[c], objective, od, gv[c])
+        gytb, gyt = _backward_y(ge, gy[:, c], objective, od, gv[:, c])
         gzb = _backward_z(product(gytb, w2o[c], od), product(xe, g2o, od), p1, zc, gc, cw[c], act, od, dt)
-        product(gzb, w1o[c], dt, out=gk[c], acc=gyt if residual else None)
-        product(xu, g1o, dt, out=gk[c], acc=gk[c], alpha=-1.0)  # gK = gZ W1 (+ gY') - (cw U) gW1
+        product(gzb, w1o[c], dt, out=gk[:, c], acc=gyt if residual else None)
+        product(xu, g1o, dt, out=gk[:, c], acc=gk[:, c], alpha=-1.0)  # gK = gZ W1 (+ gY') - (cw U) gW1
         if decay:
             ggam[c] = (g1 * w1s[c]).sum((-2, -1)) + (g2 * w2s[c]).sum((-2, -1))
         gmc = gam[c] if decay else None
@@ -381,9 +388,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gy, gw1, gw2, *_saved):
     k, cw, gam, w1o, w2o, z, g, e, w1s, w2s = ctx.saved_tensors
-    n, N, C, D = k.shape
+    N, n, C, D = k.shape
     H, Do = w1o.shape[-2], w2o.shape[-2]
-    gy = k.new_zeros(n, N, C, Do) if gy is None else gy.contiguous()
+    gy = k.new_zeros(N, n, C, Do) if gy is None else gy.contiguous()
     if gw1 is None and gw2 is None:  # nothing read the end state: no zeros made (empty stands for them)
         gw1, gw2 = k.new_empty(0), k.new_empty(0)
     else:
@@ -416,9 +423,8 @@ def run(spec, objective: str, weights0, k: Tensor, target: Tensor, eta, alpha, C
         N *= b
     n = T // C
 
-    def tokens(t: Tensor, w: int) -> Tensor:  # [..., T, w] -> [n, N, C, w], contiguous
-        t = torch.broadcast_to(t, (*batch, T, w)).reshape(N, n, C, w)
-        return t.transpose(0, 1).contiguous()
+    def tokens(t: Tensor, w: int) -> Tensor:  # [..., T, w] -> [N, n, C, w]: a view where it can be
+        return torch.broadcast_to(t, (*batch, T, w)).reshape(N, n, C, w).contiguous()
 
     def chunked(g: Tensor) -> Tensor:  # [..., T] -> [..., n, C]
         return torch.broadcast_to(g, (*batch, T)).unflatten(-1, (n, C))
@@ -435,5 +441,5 @@ def run(spec, objective: str, weights0, k: Tensor, target: Tensor, eta, alpha, C
         tokens(k, D), tokens(target, Do), w1, w2, cw, gam, spec.act, spec.kind == "residual_mlp",
         objective, prec, decay, update_last,
     )  # fmt: skip
-    y = y.transpose(0, 1).reshape(*batch, T, Do)
+    y = y.reshape(*batch, T, Do)
     return y, [w1e.reshape(*batch, *shapes[0]), w2e.reshape(*batch, *shapes[1])]

@@ -219,13 +219,14 @@ def test_accumulate_takes_a_sign_of_one(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("autocast", [False, True])
-def test_wide_sequence_on_cuda_tracks_float64(monkeypatch, autocast):
+@pytest.mark.parametrize("autocast,kind", [(False, "mlp"), (True, "mlp"), (True, "residual_mlp")])
+def test_wide_sequence_on_cuda_tracks_float64(monkeypatch, autocast, kind):
     """On CUDA (the default there: the op and its kernel): float32 with IEEE products against the
     chunk loop in float64 on the CPU, to float32 rounding; under bf16 autocast, to bf16 rounding.
-    Outputs, end state and the gradients of every input."""
+    Outputs, end state and the gradients of every input (the residual form's key gradient takes
+    the read's gradient in cuBLAS's epilogue)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    spec, rule = MemorySpec("mlp", 128, 128, hidden=256, depth=2, act="silu"), RuleSpec("gd")  # too wide to fuse
+    spec, rule = MemorySpec(kind, 128, 128, hidden=256, depth=2, act="silu"), RuleSpec("gd")  # too wide to fuse
     p = make_problem(spec, rule, B=2, H=2, T=4 * 32, seed=11)
     p["q"] = p["k"]
 
