@@ -231,8 +231,9 @@ def wide_mlp2_sequence(
     k ``[N, n, C, D]`` and v ``[N, n, C, Do]`` (the tokens' own order: sequence, then chunk),
     w1 ``[N, hidden, D]`` and w2 ``[N, Do, hidden]`` the state at the start of the first chunk,
     cw ``[n, N, C]`` and gam ``[n, N]`` each chunk's coefficients (gam is used only with
-    ``decay``), all in one dtype (float32 or float64). ``prec``: ``bf16`` for bf16 operands of the products, else the dtype's.
-    ``update_last=False``: the last chunk is read only (nothing reads its end state).
+    ``decay``), all in one dtype (float32 or float64). ``prec``: ``bf16`` for bf16 operands of
+    the products, else the dtype's. ``update_last=False``: the last chunk is read only (nothing
+    reads its end state).
 
     Returns ``(y [N, n, C, Do], w1_end, w2_end, w1_ops, w2_ops, z, g, e, w1_starts, w2_starts)``:
     the reads and the state at the end of the last chunk (at its start without ``update_last``);
