@@ -21,9 +21,13 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    sys.exit("acc_variants.py needs Triton (and a CUDA GPU)")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -139,6 +143,8 @@ def main():
     ap.add_argument("--overlap", action="store_true",
                     help="only the update kernel beside one of the chunk's products on a second stream")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("acc_variants.py needs a CUDA GPU")
     N, L, M, P = args.N, args.L, args.M, args.P
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     x = torch.randn(N, L, M, device="cuda", dtype=torch.bfloat16)

@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--T", type=int, default=2048)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("memory_by_level.py needs a CUDA GPU")
     dims = bench.parse_dims(args.dims)
     loaded = bench.load_spec(args.spec, {**dims, "seq": args.T})
     cfg = loaded.module.ModelConfig()
