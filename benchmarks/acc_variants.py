@@ -48,13 +48,8 @@ def _tma_kernel(x_desc, y_desc, c_ptr, gam_ptr, out_desc, op_desc, N, L, M, P, s
     per_n = tiles_m * tiles_p
     num_tiles = N * per_n
     k_tiles = L // BL
-    if PERSISTENT:
-        start = tl.program_id(0)
-        step = PROGS
-    else:
-        start = tl.program_id(0)
-        step = num_tiles
-    for t in tl.range(start, num_tiles, step, flatten=FLATTEN, warp_specialize=WS):
+    step = PROGS if PERSISTENT else num_tiles  # one tile a program: a single pass of the loop
+    for t in tl.range(tl.program_id(0), num_tiles, step, flatten=FLATTEN, warp_specialize=WS):
         n = t // per_n
         r = t % per_n
         pm = r // tiles_p
@@ -146,7 +141,6 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("acc_variants.py needs a CUDA GPU")
     N, L, M, P = args.N, args.L, args.M, args.P
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     x = torch.randn(N, L, M, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(N, L, P, device="cuda", dtype=torch.bfloat16)
     c = torch.randn(N, M, P, device="cuda")
