@@ -12,7 +12,9 @@ autocast with TF32 on, compiled with ``fullgraph=True`` (every chunk at once:
   replayed without the CPU launching each);
 - ``loop``: the chunk loop (``NLC_LINEAR_CHUNKS=0``), compiled unrolled;
 - ``fla``: flash-linear-attention's ``chunk_delta_rule`` on the same inputs (when installed);
-- ``sdpa``: causal attention (``scaled_dot_product_attention``) on the same B, T, H, D.
+- ``sdpa``: causal attention (``scaled_dot_product_attention``) on the same B, T, H, D;
+- ``linear_old``, ``linear_cg_old``: ``linear``, ``linear_cg`` with ``linear_chunks``' own
+  recurrence instead of the delta kernels (``NLC_DELTA_KERNEL=0``; ``nlc.runtime.fused.delta``).
 
 Every mode is timed with CUDA events (median of ``--steps``) in one process; ``--profile`` prints
 (and writes to ``$OUT``) the GPU kernels of one step of each nlc mode. Results go to
@@ -141,19 +143,30 @@ def main():
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tunes", default="", help="';'-separated NLC_DELTA_TUNE values: the kernel "
+                    "modes run once for each (nlc.runtime.fused.delta)")
     args = ap.parse_args()
     torch.set_float32_matmul_precision("high")
     out_dir = os.environ.get("OUT")
     B, T, H, D = args.B, args.T, args.H, args.D
     rows = []
     ref = None
+    runs = []
     for mode in args.modes.split(","):
+        kernel = mode.startswith(("linear", "loop")) and not mode.endswith("_old")
+        runs += [(mode, t) for t in (args.tunes.split(";") if kernel and args.tunes else [None])]
+    for mode, tune in runs:
         torch._dynamo.reset()
-        os.environ["NLC_LINEAR_CHUNKS"] = "0" if mode == "loop" else "1"
-        row = {"mode": mode, "B": B, "T": T, "H": H, "D": D, "chunk": args.chunk}
+        os.environ.pop("NLC_DELTA_TUNE", None)
+        if tune:
+            os.environ["NLC_DELTA_TUNE"] = tune
+        base = mode.removesuffix("_old")
+        os.environ["NLC_LINEAR_CHUNKS"] = "0" if base == "loop" else "1"
+        os.environ["NLC_DELTA_KERNEL"] = "0" if mode.endswith("_old") else "1"
+        row = {"mode": mode, "tune": tune, "B": B, "T": T, "H": H, "D": D, "chunk": args.chunk}
         try:
-            if mode in ("linear", "linear_cg", "loop"):
-                step, eager = nlc_step(B, T, H, D, args.chunk, graphs=mode == "linear_cg")
+            if base in ("linear", "linear_cg", "loop"):
+                step, eager = nlc_step(B, T, H, D, args.chunk, graphs=base == "linear_cg")
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     y = eager().float()
                 if ref is None:
@@ -169,8 +182,8 @@ def main():
             first, ms = timed(step, args.steps)
             row.update(first_s=round(first, 2), ms=round(ms, 3), tokens_per_s=round(B * T / ms * 1e3),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-            if args.profile and mode not in ("sdpa", "linear_cg"):
-                profile(step, mode, out_dir)
+            if args.profile and base not in ("sdpa", "linear_cg"):
+                profile(step, mode + ("" if tune is None else "_" + tune.replace(",", "_").replace("=", "")), out_dir)
         except Exception as e:  # noqa: BLE001 - a failed mode is a result
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print(json.dumps(row), flush=True)

@@ -1,0 +1,330 @@
+"""The chunk-to-chunk recurrence of a linear memory's delta rule as one Triton kernel each way.
+
+``nlc.runtime.linear_chunks`` computes every chunk's state-free part at once in batched
+products; what is left is sequential. With ``P, wf`` the chunk system's solution split into its
+parts proportional to and free of the chunk-start state ``W_c`` (``[C, in]``, ``[C, out]``),
+``a`` the keys, ``Ae`` the decays from each token to the chunk's end, ``Fu`` the state-free part
+of each token's write and ``g`` the decay over the whole chunk, chunk ``c`` is
+
+    r_c     = P_c W_c^T + wf_c                      [C, out]  the corrected values
+    y_c     = Qe_c W_c^T                            [C, out]  the state's part of the read
+    W_{c+1} = g_c W_c + (Ae_c * r_c + Fu_c)^T a_c   [out, in]
+
+(``linear_chunks`` adds the read's state-free part to ``y``). :func:`delta_recurrence` runs all
+``n`` chunks in one kernel launch (``_fwd_kernel``): a program per (memory, block of output rows)
+keeps its rows of the state in registers in float32 from the first chunk to the last, and writes
+each chunk's start state, ``r`` and ``y``. Its backward is one launch for the part that must run
+chunk after chunk (``_bwd_kernel``, the chunks in reverse): a program carries its rows of
+``G_{c+1} = dL/dW_{c+1}``,
+
+    de = a G^T,   dr = Ae * de,   G_c = g G + dr^T P + dy^T Qe,
+
+and writes ``G_{c+1}``, ``de`` (``Fu``'s gradient), ``dr`` (``wf``'s), and its rows' parts of
+``dg = <W_c, G_{c+1}>`` and ``dAe = sum_rows(r * de)``. The gradients that sum over output rows
+come after it, every chunk at once in batched products: ``dP = dr W_c``, ``dQe = dy W_c`` and
+``da = (Ae * r + Fu) G_{c+1}`` (their operands written by the kernel in the products' dtype).
+
+Precision follows ``mlp2.precision``: under bf16 autocast the products take bf16 operands (the
+state's rows rounded only as a product's operand, as autocast would; the chunk-start states and
+``G`` are kept in bf16 for the batched products); otherwise TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` is on, IEEE float32 when not. The running state, the
+running ``G`` and every sum stay float32. :func:`reference` is the same recurrence in plain
+torch (any dtype, autograd), against which ``tests/runtime/test_delta_kernel.py`` checks the
+kernels in float64 (values and all gradients) on CUDA and through Triton's interpreter, and
+under bf16 autocast on CUDA.
+
+The chunk count ``n`` is a compile-time constant of the kernels (Triton's interpreter cannot
+loop over a runtime count with numpy 2): one compile per sequence length.
+
+``NLC_DELTA_KERNEL=0`` keeps ``linear_chunks``' own recurrence (for comparisons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+from ...diagnostics import SettingError
+from ._triton import tl, triton
+from .accumulate import product as _product
+from .mlp2 import precision
+
+__all__ = ["applies", "delta_recurrence", "reference", "run"]
+
+
+# rows of the state per program, warps per program, and software-pipeline stages (the kernels'
+# loads of each chunk's operands; 1: none), for the forward and the backward kernel; chosen on an
+# H200 (benchmarks/RESULTS.md); NLC_DELTA_TUNE (key=N,...) overrides them, read at every call
+TUNE = {"rows": 32, "warps": 4, "stages": 2, "bwd_rows": 32, "bwd_warps": 4, "bwd_stages": 2}
+
+
+def _tune() -> dict:
+    out = dict(TUNE)
+    for item in filter(None, os.environ.get("NLC_DELTA_TUNE", "").split(",")):
+        key, _, value = (x.strip() for x in item.partition("="))
+        if key not in out or not value.isdigit() or int(value) not in (1, 2, 3, 4, 8, 16, 32, 64, 128):
+            raise SettingError(
+                f"NLC_DELTA_TUNE: expected key=N,... with keys {', '.join(TUNE)} and N a power of "
+                f"two up to 128; got {item!r} (unset it for the defaults)"
+            )
+        out[key] = int(value)
+    return out
+
+
+def applies(din: int, dout: int, C: int, n: int, N: int, device) -> bool:
+    """Whether the kernels take this recurrence: Triton present, a CUDA device (or
+    ``NLC_FUSED=interpret``), ``NLC_DELTA_KERNEL`` not ``0``; ``din``, ``dout`` and ``C`` powers of
+    two from 16 (``din`` at most 256, ``C`` at most 128); int32 offsets."""
+    mode = os.environ.get("NLC_FUSED", "1")
+    if triton is None or mode == "0" or os.environ.get("NLC_DELTA_KERNEL", "1") == "0":
+        return False
+    if not (torch.device(device).type == "cuda" or mode == "interpret"):
+        return False
+
+    def pow2(x: int, hi: int) -> bool:
+        return 16 <= x <= hi and x & (x - 1) == 0
+
+    return pow2(din, 256) and pow2(dout, 1 << 14) and pow2(C, 128) and N * n * max(din, dout) * max(C, dout) < 2**31
+
+
+def _device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mm(a, b, PREC: tl.constexpr):
+        """``a @ b``, float32 accumulation; operands in bf16, TF32 or IEEE float32."""
+        if PREC == "bf16":
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+    @triton.jit
+    def _fwd_kernel(
+        W0, GAM, P, WF, AE, FU, A, QE, WS, R, Y, WN,
+        n: tl.constexpr, C: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BO: tl.constexpr,
+        READ: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        ob = tl.program_id(0)
+        b = tl.program_id(1)
+        ro = ob * BO + tl.arange(0, BO)
+        ri = tl.arange(0, DI)
+        rc = tl.arange(0, C)
+        s_off = ro[:, None] * DI + ri[None, :]  # [BO, DI] within one state
+        t_in = rc[:, None] * DI + ri[None, :]  # [C, DI] within one chunk
+        t_out = rc[:, None] * DO + ro[None, :]  # [C, BO] within one chunk
+        W = tl.load(W0 + b * DO * DI + s_off).to(tl.float32)
+        for c in range(n):
+            bc = b * n + c
+            tl.store(WS + bc * DO * DI + s_off, W.to(WS.dtype.element_ty))
+            p = tl.load(P + bc * C * DI + t_in)
+            r = _mm(p, tl.trans(W), PREC) + tl.load(WF + bc * C * DO + t_out).to(tl.float32)
+            tl.store(R + bc * C * DO + t_out, r)
+            if READ:
+                qe = tl.load(QE + bc * C * DI + t_in)
+                tl.store(Y + bc * C * DO + t_out, _mm(qe, tl.trans(W), PREC))
+            ae = tl.load(AE + bc * C + rc).to(tl.float32)
+            e = ae[:, None] * r + tl.load(FU + bc * C * DO + t_out).to(tl.float32)
+            a = tl.load(A + bc * C * DI + t_in)
+            g = tl.load(GAM + bc).to(tl.float32)
+            W = g * W + _mm(tl.trans(e), a, PREC)
+        tl.store(WN + b * DO * DI + s_off, W)
+
+    @triton.jit
+    def _bwd_kernel(
+        GAM, P, AE, FU, A, QE, WS, R, DY, DWN, DW0, GN, DGAM_P, DAE_P, DE, DR, DRO, DYO, EO, N,
+        n: tl.constexpr, C: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BO: tl.constexpr,
+        READ: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        ob = tl.program_id(0)
+        b = tl.program_id(1)
+        ro = ob * BO + tl.arange(0, BO)
+        ri = tl.arange(0, DI)
+        rc = tl.arange(0, C)
+        s_off = ro[:, None] * DI + ri[None, :]
+        t_in = rc[:, None] * DI + ri[None, :]
+        t_out = rc[:, None] * DO + ro[None, :]
+        G = tl.load(DWN + b * DO * DI + s_off).to(tl.float32)
+        for i in range(n):
+            bc = b * n + (n - 1 - i)
+            pc = ob * N * n + bc  # this block's part of a sum over output rows
+            ws = tl.load(WS + bc * DO * DI + s_off).to(tl.float32)
+            tl.store(DGAM_P + pc, tl.sum(tl.sum(ws * G, 1), 0))
+            tl.store(GN + bc * DO * DI + s_off, G.to(GN.dtype.element_ty))
+            a = tl.load(A + bc * C * DI + t_in)
+            de = _mm(a, tl.trans(G), PREC)  # [C, BO]
+            tl.store(DE + bc * C * DO + t_out, de)
+            r = tl.load(R + bc * C * DO + t_out)
+            tl.store(DAE_P + pc * C + rc, tl.sum(r * de, 1))
+            ae = tl.load(AE + bc * C + rc).to(tl.float32)
+            e = ae[:, None] * r + tl.load(FU + bc * C * DO + t_out).to(tl.float32)
+            tl.store(EO + bc * C * DO + t_out, e.to(EO.dtype.element_ty))
+            dr = ae[:, None] * de
+            tl.store(DR + bc * C * DO + t_out, dr)
+            tl.store(DRO + bc * C * DO + t_out, dr.to(DRO.dtype.element_ty))
+            p = tl.load(P + bc * C * DI + t_in)
+            G = tl.load(GAM + bc).to(tl.float32) * G + _mm(tl.trans(dr), p, PREC)
+            if READ:
+                dy = tl.load(DY + bc * C * DO + t_out).to(tl.float32)
+                tl.store(DYO + bc * C * DO + t_out, dy.to(DYO.dtype.element_ty))
+                qe = tl.load(QE + bc * C * DI + t_in)
+                G += _mm(tl.trans(dy), qe, PREC)
+        tl.store(DW0 + b * DO * DI + s_off, G)
+
+
+@torch.library.custom_op("nlc::delta_recurrence", mutates_args=())
+def delta_recurrence(
+    W0: Tensor, gam: Tensor, P: Tensor, wf: Tensor, Ae: Tensor, Fu: Tensor, a: Tensor, qe: Tensor,
+    read: bool, prec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``n`` chunks of ``N`` linear memories' delta rule, chunk after chunk (the module's equations).
+
+    W0 ``[N, out, in]``; gam ``[N, n]``; P, a, qe ``[N, n, C, in]``; wf, Fu ``[N, n, C, out]``;
+    Ae ``[N, n, C]``; all float32 and contiguous. ``read`` off: ``qe`` is ignored (pass anything).
+    Returns ``(y [N, n, C, out], W_n [N, out, in], starts [N, n, out, in], r [N, n, C, out])``,
+    float32; ``y`` is an empty ``[0]`` tensor without the read; the last two are for the backward.
+    """
+    N, n, C, DI = P.shape
+    DO = W0.shape[-2]
+    t = _tune()
+    BO = min(DO, t["rows"])
+    ws = P.new_empty(N, n, DO, DI)  # the start states in the products' operand dtype
+    r = W0.new_empty(N, n, C, DO)
+    y = W0.new_empty(N, n, C, DO) if read else W0.new_empty(0)
+    wn = torch.empty_like(W0)
+    with _device(W0):
+        _fwd_kernel[(DO // BO, N)](
+            W0, gam, P, wf, Ae, Fu, a, qe if read else P, ws, r, y if read else r, wn, n,
+            C, DI, DO, BO, read, prec, num_warps=t["warps"], num_stages=t["stages"],
+        )  # fmt: skip
+    return y, wn, ws, r
+
+
+@delta_recurrence.register_fake
+def _(W0, gam, P, wf, Ae, Fu, a, qe, read, prec):
+    N, n, C, DI = P.shape
+    DO = W0.shape[-2]
+    y = W0.new_empty(N, n, C, DO) if read else W0.new_empty(0)
+    return y, W0.new_empty(W0.shape), P.new_empty(N, n, DO, DI), W0.new_empty(N, n, C, DO)
+
+
+@torch.library.custom_op("nlc::delta_recurrence_backward", mutates_args=())
+def delta_recurrence_backward(
+    gam: Tensor, P: Tensor, Ae: Tensor, Fu: Tensor, a: Tensor, qe: Tensor, ws: Tensor, r: Tensor,
+    dy: Tensor, dwn: Tensor, read: bool, prec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(W0, gam, P, wf, Ae, Fu, a, qe)`` of :func:`delta_recurrence` from those of its
+    read ``dy`` (ignored without the read) and its end state ``dwn``; ``ws, r`` its saved outputs.
+    The gradient of ``qe`` is an empty ``[0]`` tensor without the read."""
+    N, n, C, DI = P.shape
+    DO = ws.shape[-2]
+    t = _tune()
+    BO = min(DO, t["bwd_rows"])
+    nb = DO // BO
+    f32 = torch.float32
+    dw0 = dwn.new_empty(N, DO, DI)
+    gn = ws.new_empty(N, n, DO, DI)  # G_{c+1} = dL/dW_{c+1} of every chunk
+    dgam_p, dae_p = dwn.new_empty(nb, N, n), dwn.new_empty(nb, N, n, C)
+    de, dr = dwn.new_empty(N, n, C, DO), dwn.new_empty(N, n, C, DO)
+    # dr, dy and e = Ae r + Fu as the operands of the products below, written by the kernel
+    dro, eo = ws.new_empty(N, n, C, DO), ws.new_empty(N, n, C, DO)
+    dyo = ws.new_empty(N, n, C, DO) if read else eo
+    with _device(dwn):
+        _bwd_kernel[(nb, N)](
+            gam, P, Ae, Fu, a, qe if read else P, ws, r, dy if read else dwn, dwn, dw0, gn,
+            dgam_p, dae_p, de, dr, dro, dyo, eo,
+            N, n, C, DI, DO, BO, read, prec, num_warps=t["bwd_warps"], num_stages=t["bwd_stages"],
+        )  # fmt: skip
+
+    # every chunk's other gradients at once: batched products over (memory, chunk)
+    def mm(x: Tensor, y: Tensor) -> Tensor:
+        return _product(x.flatten(0, 1), y.flatten(0, 1), f32).view(N, n, C, DI)
+
+    dP = mm(dro, ws)
+    da = mm(eo, gn)
+    dqe = mm(dyo, ws) if read else dwn.new_empty(0)
+    return dw0, dgam_p.sum(0), dP, dr, dae_p.sum(0), de, da, dqe
+
+
+@delta_recurrence_backward.register_fake
+def _(gam, P, Ae, Fu, a, qe, ws, r, dy, dwn, read, prec):
+    def new(t):  # float32 whatever the input's dtype
+        return dwn.new_empty(t.shape)
+
+    return (new(dwn), new(gam), new(P), new(r), new(Ae), new(r), new(a),
+            new(qe) if read else dwn.new_empty(0))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    _, gam, P, _, Ae, Fu, a, qe, read, prec = inputs
+    _, _, ws, r = output
+    ctx.save_for_backward(gam, P, Ae, Fu, a, qe, ws, r)
+    ctx.read, ctx.prec = read, prec
+
+
+def _backward(ctx, dy, dwn, _dws, _dr):
+    gam, P, Ae, Fu, a, qe, ws, r = ctx.saved_tensors
+    dwn = torch.zeros_like(ws[:, 0]) if dwn is None else dwn.contiguous()
+    if ctx.read:
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+    else:
+        dy = r.new_empty(0)
+    dw0, dgam, dP, dwf, dAe, dFu, da, dqe = delta_recurrence_backward(
+        gam, P, Ae, Fu, a, qe, ws, r, dy, dwn, ctx.read, ctx.prec
+    )
+    dP, da = dP.to(P.dtype), da.to(a.dtype)  # bf16 operands: their gradients in bf16 too
+    dqe = dqe.to(qe.dtype) if ctx.read else None
+    return dw0, dgam, dP, dwf, dAe, dFu, da, dqe, None, None
+
+
+delta_recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(W0: Tensor, gam: Tensor, P: Tensor, wf: Tensor, Ae: Tensor, Fu: Tensor, a: Tensor,
+        qe: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """:func:`delta_recurrence` on the caller's tensors: any batch shape ``...`` that broadcasts
+    (``W0`` ``[..., out, in]``, ``gam`` ``[..., n]``, the rest as there with ``[..., n, C, x]``),
+    any float dtype (cast to float32). Returns ``(y [..., n, C, out] or None, W_n [..., out, in])``
+    in float32."""
+    n, C, DI = P.shape[-3:]
+    DO = W0.shape[-2]
+    batch = torch.broadcast_shapes(W0.shape[:-2], gam.shape[:-1], P.shape[:-3], wf.shape[:-3],
+                                   Ae.shape[:-2], Fu.shape[:-3], a.shape[:-3],
+                                   *(() if qe is None else (qe.shape[:-3],)))  # fmt: skip
+    N = 1
+    for s in batch:
+        N *= s
+
+    prec = precision(P.device.type)
+    od = torch.bfloat16 if prec == "bf16" else torch.float32  # the products' operands
+
+    def flat(t: Tensor, tail: tuple[int, ...], dtype=torch.float32) -> Tensor:
+        return torch.broadcast_to(t.to(dtype), (*batch, *tail)).reshape(N, *tail).contiguous()
+
+    read = qe is not None
+    y, wn, _, _ = delta_recurrence(
+        flat(W0, (DO, DI)), flat(gam, (n,)), flat(P, (n, C, DI), od), flat(wf, (n, C, DO)),
+        flat(Ae, (n, C)), flat(Fu, (n, C, DO)), flat(a, (n, C, DI), od),
+        flat(qe, (n, C, DI), od) if read else P.new_empty(0, dtype=od), read, prec,
+    )  # fmt: skip
+    y = y.reshape(*batch, n, C, DO) if read else None
+    return y, wn.reshape(*batch, DO, DI)
+
+
+def reference(W0: Tensor, gam: Tensor, P: Tensor, wf: Tensor, Ae: Tensor, Fu: Tensor, a: Tensor,
+              qe: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """The recurrence of :func:`run` chunk after chunk in plain torch (autograd, any dtype)."""
+    W = W0
+    ys = []
+    for c in range(P.shape[-3]):
+        r = P[..., c, :, :] @ W.mT + wf[..., c, :, :]
+        if qe is not None:
+            ys.append(qe[..., c, :, :] @ W.mT)
+        e = Ae[..., c, :, None] * r + Fu[..., c, :, :]
+        W = gam[..., c, None, None] * W + e.mT @ a[..., c, :, :]
+    return (torch.stack(ys, dim=-3) if qe is not None else None), W

@@ -1,0 +1,175 @@
+"""The delta rule's chunk recurrence as Triton kernels (``nlc.runtime.fused.delta``).
+
+The op's values and the gradients of all its inputs are compared with :func:`delta.reference`
+(plain torch, float64, autograd); then ``scan`` on a linear memory (dgd on ``dot``), taking the
+kernels through ``linear_chunks``, is compared with the literal per-token reference in float64.
+On CUDA the kernels run compiled with TF32 off; on the CPU through Triton's interpreter::
+
+    TRITON_INTERPRET=1 NLC_FUSED=interpret python -m pytest tests/runtime/test_delta_kernel.py
+
+Without Triton (the CPU wheel of torch) every case skips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nlc.runtime import fused
+from nlc.runtime.chunk import RuleSpec, scan
+from nlc.runtime.fused import delta
+from nlc.runtime.memories import MemorySpec
+
+from .test_chunk import compare, make_problem, seed_of
+
+F64 = torch.float64
+
+
+def _devices():
+    out = []
+    if torch.cuda.is_available() and fused.available():
+        out.append("cuda")
+    if fused.available() and type(delta._fwd_kernel).__name__ == "InterpretedFunction":
+        out.append("cpu")
+    return out or ["none"]
+
+
+@pytest.fixture(params=_devices())
+def device(request, monkeypatch):
+    if request.param == "none":
+        pytest.skip("needs Triton on CUDA, or its interpreter (TRITON_INTERPRET=1)")
+    if request.param == "cpu":
+        monkeypatch.setenv("NLC_FUSED", "interpret")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return request.param
+
+
+def _op_inputs(batch, n, C, DI, DO, read, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+    W0 = r(*batch[1:], DO, DI, scale=DI**-0.5)  # shared over the first batch dimension
+    gam = 0.5 + 0.5 * torch.rand(*batch, n, generator=g, dtype=F64)
+    P = r(*batch, n, C, DI, scale=0.3 / C)
+    wf = r(*batch, n, C, DO)
+    Ae = torch.rand(*batch, n, C, generator=g, dtype=F64)
+    Fu = r(*batch, n, C, DO, scale=0.3)
+    a = r(*batch, n, C, DI, scale=DI**-0.5)
+    qe = r(*batch, n, C, DI, scale=DI**-0.5) if read else None
+    return [W0, gam, P, wf, Ae, Fu, a, qe]
+
+
+def _outputs_and_grads(fn, leaves, device, dtype):
+    leaves = [None if t is None else t.to(device, dtype).requires_grad_() for t in leaves]
+    y, W = fn(*leaves)
+    outs = [o for o in (y, W) if o is not None]
+    g = torch.Generator().manual_seed(11)
+    probe = sum((o.double().cpu() * torch.randn(o.shape, generator=g, dtype=F64)).sum() for o in outs)
+    live = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(probe, live)
+    return [o.detach().double().cpu() for o in outs], [d.double().cpu() for d in grads]
+
+
+def _close(a, b, what, tol=2e-5):
+    scale = 1.0 + b.abs().max().item()
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("read", [True, False])
+@pytest.mark.parametrize("DI,DO", [(16, 16), (32, 16), (16, 128)])  # 128 rows: two blocks of 64
+def test_recurrence_op_matches_reference(device, read, DI, DO):
+    """Values (read and end state) and the gradients of W0 (broadcast over the batch), the decays,
+    P, wf, Ae, Fu, the keys and the read's queries, float32 kernels against float64 torch."""
+    leaves = _op_inputs((2, 3), 4, 16, DI, DO, read, seed_of("op", read, DI, DO))
+    got = _outputs_and_grads(delta.run, leaves, device, torch.float32)
+    want = _outputs_and_grads(delta.reference, leaves, "cpu", F64)
+    names = ["y", "W_n"] if read else ["W_n"]
+    for name, a, b in zip(names, got[0], want[0]):
+        _close(a, b, name)
+    names = ["W0", "gam", "P", "wf", "Ae", "Fu", "a", "qe"]
+    for name, a, b in zip(names, got[1], want[1]):
+        _close(a, b, f"grad of {name}")
+
+
+@pytest.mark.parametrize("DI,DO", [(128, 128), (64, 32)])
+def test_recurrence_op_under_bf16_autocast_tracks_float64(device, DI, DO):
+    """Under bf16 autocast the products take bf16 operands (the state and every sum stay
+    float32): values and gradients within bf16's rounding of the float64 reference."""
+    if device != "cuda":
+        pytest.skip("bf16 products: CUDA")
+    leaves = _op_inputs((2, 3), 8, 64, DI, DO, True, seed_of("bf16", DI, DO))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = _outputs_and_grads(delta.run, leaves, device, torch.float32)
+    want = _outputs_and_grads(delta.reference, leaves, "cpu", F64)
+    for name, a, b in zip(["y", "W_n"], got[0], want[0]):
+        _close(a, b, name, tol=3e-2)
+    for name, a, b in zip(["W0", "gam", "P", "wf", "Ae", "Fu", "a", "qe"], got[1], want[1]):
+        _close(a, b, f"grad of {name}", tol=3e-2)
+
+
+@pytest.mark.parametrize("read", ["chunk", "causal"])
+@pytest.mark.parametrize(
+    "rule,gates,din,dout",
+    [
+        (RuleSpec("dgd"), "random", 16, 16),
+        (RuleSpec("dgd"), "edges", 32, 16),
+        (RuleSpec("dgd", dgd_form="normalized"), "random", 16, 32),
+        (RuleSpec("dgd"), "no decay", 16, 16),
+    ],
+)
+def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkeypatch, rule, gates,
+                                                                  din, dout, read):
+    """``scan`` on a linear memory (dgd on ``dot``, period 16, three full chunks and a partial
+    one) takes the kernels, in float32, and matches the per-token reference in float64: outputs,
+    final state, and the gradients of W_0 (shared over the batch), k, v, q and the gates."""
+    spec = MemorySpec("linear", din, dout)
+    p = make_problem(spec, rule, B=2, H=2, T=3 * 16 + 5, seed=seed_of("scan", rule, gates, din),
+                     gates="random" if gates == "no decay" else gates)  # fmt: skip
+    if gates == "no decay":
+        p["alpha"] = None
+    g = torch.Generator().manual_seed(3)
+    p["W0"] = [(torch.randn(2, dout, din, generator=g, dtype=F64) * din**-0.5).requires_grad_()]
+    calls = []
+    real = delta.run
+    monkeypatch.setattr(delta, "run", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")  # on the CPU too
+
+    def on_device(spec, objective, rule, W0, S0, k, v, q, eta, alpha, beta, chunk, read):
+        def mv(t):
+            return None if t is None else t.to(device, torch.float32)
+
+        y, W, _ = scan(spec, objective, rule, [mv(w) for w in W0], None, mv(k), mv(v), mv(q),
+                       mv(eta), mv(alpha), None, chunk=chunk, read=read)  # fmt: skip
+        return y.double().cpu(), [w.double().cpu() for w in W], None
+
+    compare(spec, "dot", rule, p, 16, read, tol=1e-4, fn=on_device)
+    assert calls, "scan did not take the delta kernels"
+
+
+def test_kernels_decline(monkeypatch):
+    monkeypatch.setenv("NLC_FUSED", "1")
+    cuda = torch.device("cuda")
+    assert delta.applies(128, 128, 64, 32, 128, cuda) == fused.available()
+    assert not delta.applies(128, 128, 64, 32, 128, torch.device("cpu"))  # CPU: interpreter only
+    for din, dout, C in [(24, 128, 64), (128, 128, 8), (512, 128, 64), (128, 128, 256), (128, 12, 64)]:
+        assert not delta.applies(din, dout, C, 32, 128, cuda)
+
+
+def test_the_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("NLC_DELTA_KERNEL", "0")
+    assert not delta.applies(128, 128, 64, 32, 128, torch.device("cuda"))
+    monkeypatch.setenv("NLC_DELTA_KERNEL", "1")
+    monkeypatch.setenv("NLC_FUSED", "0")
+    assert not delta.applies(128, 128, 64, 32, 128, torch.device("cuda"))
+
+
+def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
+    from nlc.diagnostics import SettingError
+
+    monkeypatch.setenv("NLC_DELTA_TUNE", "rows=48")
+    with pytest.raises(SettingError, match="NLC_DELTA_TUNE"):
+        delta._tune()
+    monkeypatch.setenv("NLC_DELTA_TUNE", "rows=16,bwd_stages=3")
+    assert delta._tune()["rows"] == 16 and delta._tune()["bwd_stages"] == 3
