@@ -14,7 +14,9 @@ autocast with TF32 on, compiled with ``fullgraph=True`` (every chunk at once:
 - ``fla``: flash-linear-attention's ``chunk_delta_rule`` on the same inputs (when installed);
 - ``sdpa``: causal attention (``scaled_dot_product_attention``) on the same B, T, H, D;
 - ``linear_old``, ``linear_cg_old``: ``linear``, ``linear_cg`` with ``linear_chunks``' own
-  recurrence instead of the delta kernels (``NLC_DELTA_KERNEL=0``; ``nlc.runtime.fused.delta``).
+  recurrence instead of the delta kernels (``NLC_DELTA_KERNEL=0``; ``nlc.runtime.fused.delta``);
+  ``..._solve``: with cuBLAS's triangular solve for the chunks' inverses instead of
+  ``nlc.runtime.fused.triangular`` (``NLC_LINEAR_INVERSE=solve``).
 
 Every mode is timed with CUDA events (median of ``--steps``) in one process; ``--profile`` prints
 (and writes to ``$OUT``) the GPU kernels of one step of each nlc mode. Results go to
@@ -153,16 +155,20 @@ def main():
     ref = None
     runs = []
     for mode in args.modes.split(","):
-        kernel = mode.startswith(("linear", "loop")) and not mode.endswith("_old")
+        kernel = mode.startswith(("linear", "loop")) and "_old" not in mode
         runs += [(mode, t) for t in (args.tunes.split(";") if kernel and args.tunes else [None])]
     for mode, tune in runs:
         torch._dynamo.reset()
         os.environ.pop("NLC_DELTA_TUNE", None)
         if tune:
             os.environ["NLC_DELTA_TUNE"] = tune
-        base = mode.removesuffix("_old")
+        base, old, solve = mode, False, False
+        while base.endswith(("_old", "_solve")):
+            old, solve = old or base.endswith("_old"), solve or base.endswith("_solve")
+            base = base.removesuffix("_old").removesuffix("_solve")
         os.environ["NLC_LINEAR_CHUNKS"] = "0" if base == "loop" else "1"
-        os.environ["NLC_DELTA_KERNEL"] = "0" if mode.endswith("_old") else "1"
+        os.environ["NLC_DELTA_KERNEL"] = "0" if old else "1"
+        os.environ["NLC_LINEAR_INVERSE"] = "solve" if solve else "kernel"
         row = {"mode": mode, "tune": tune, "B": B, "T": T, "H": H, "D": D, "chunk": args.chunk}
         try:
             if base in ("linear", "linear_cg", "loop"):

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused import delta as _delta
+from .fused import triangular as _triangular
 
 __all__ = ["applies", "run", "sequence", "solve_unit_lower"]
 
@@ -85,6 +86,8 @@ class _UnitLowerInverse(torch.autograd.Function):
 
     @staticmethod
     def forward(K: Tensor) -> Tensor:
+        if _triangular.applies(K):  # one Triton program a matrix (on a GPU)
+            return _triangular.unit_lower_inverse(K)
         eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand(K.shape)
         return torch.linalg.solve_triangular(K, eye, upper=False, unitriangular=True)
 
@@ -263,7 +266,7 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
         P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
     din, dout = a.shape[-1], u.shape[-1]
     if dgd and _delta.applies(din, dout, C, n, _batch_size(W0, a), k.device):
-        return _kernel_sequence(co, a, u, eta, geta, apply, P, w_free, W0, q, n, C, read)
+        return _kernel_sequence(co, a, u, eta, geta, apply, X, W0, q, n, C, read)
     # the chunk's end state, affine in its start state: W_end = W_0 M + F with
     # M = gamma_end I + U^T a, U = A_end * P (rank C): formed as an [in, in] matrix when that is
     # cheaper per chunk (2 C >= in: one product of in^3 in the loop), else applied in its factors
@@ -302,9 +305,10 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
         hA = co.A * ha
         qeff = co.gam[..., None] * h
         z = -apply(geta if dgd else co.G * eta[..., None, :], ha)
-        if dgd:
-            qeff = qeff + hA @ P
-            z = z + hA @ w_free
+        if dgd:  # hA [P | w_free] in one product
+            hX = hA @ X
+            qeff = qeff + hX[..., : a.shape[-1]]
+            z = z + hX[..., a.shape[-1]:]
         y = qeff @ Ws.mT + z
     return y.flatten(-3, -2), W
 
@@ -316,11 +320,12 @@ def _batch_size(W0: Tensor, a: Tensor) -> int:
     return N
 
 
-def _kernel_sequence(co, a, u, eta, geta, apply, P, w_free, W0, q, n: int, C: int, read: str):
+def _kernel_sequence(co, a, u, eta, geta, apply, X, W0, q, n: int, C: int, read: str):
     """The dgd recurrence and the read's state part in one kernel each way
     (``nlc.runtime.fused.delta``): ``r = P W^T + w_free`` is the chunk's solution at its start
     state, the end state ``W_end = gamma_end W + (A_end * r - A_end eta u)^T a`` (the dense ``M``
     and ``F`` above, unformed), and the read ``y = Qeff W^T + z_free``."""
+    P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
     Fu = -(co.G_end * eta)[..., None] * u  # without momentum G_end is A_end
     qe = z = None
     if q is not None:
@@ -329,9 +334,9 @@ def _kernel_sequence(co, a, u, eta, geta, apply, P, w_free, W0, q, n: int, C: in
             qe = h
         else:
             ha = _mm_nt(h, a)
-            hA = co.A * ha
-            qe = co.gam[..., None] * h + hA @ P
-            z = -apply(geta, ha) + hA @ w_free
+            hX = (co.A * ha) @ X  # hA [P | w_free] in one product
+            qe = co.gam[..., None] * h + hX[..., : a.shape[-1]]
+            z = -apply(geta, ha) + hX[..., a.shape[-1]:]
     y, W = _delta.run(W0, co.gam_end, P, w_free, co.A_end, Fu, a, qe)
     if q is None:
         return None, W

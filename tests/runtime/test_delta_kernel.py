@@ -148,6 +148,21 @@ def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkey
     assert calls, "scan did not take the delta kernels"
 
 
+@pytest.mark.parametrize("C", [16, 64, 128])
+def test_unit_lower_inverse_matches_the_solve(device, C):
+    """``fused.triangular.unit_lower_inverse`` (float32, forward substitution) against the
+    triangular solve against the identity in float64; only the strictly lower part is read."""
+    from nlc.runtime.fused import triangular
+
+    g = torch.Generator().manual_seed(C)
+    K = 0.3 * torch.randn(2, 3, C, C, generator=g, dtype=F64) / C**0.5
+    got = triangular.unit_lower_inverse(K.to(device, torch.float32)).double().cpu()
+    eye = torch.eye(C, dtype=F64).expand(K.shape)
+    want = torch.linalg.solve_triangular(K.tril(-1), eye, upper=False, unitriangular=True)
+    _close(got, want, "inverse", tol=1e-5)
+    assert triangular.applies(K.to(device, torch.float32))
+
+
 def test_kernels_decline(monkeypatch):
     monkeypatch.setenv("NLC_FUSED", "1")
     cuda = torch.device("cuda")
@@ -155,6 +170,10 @@ def test_kernels_decline(monkeypatch):
     assert not delta.applies(128, 128, 64, 32, 128, torch.device("cpu"))  # CPU: interpreter only
     for din, dout, C in [(24, 128, 64), (128, 128, 8), (512, 128, 64), (128, 128, 256), (128, 12, 64)]:
         assert not delta.applies(din, dout, C, 32, 128, cuda)
+    from nlc.runtime.fused import triangular
+
+    assert not triangular.applies(torch.zeros(2, 64, 64))  # a CPU tensor: the solve
+    assert not triangular.applies(torch.zeros(2, 8, 8, dtype=torch.float64))
 
 
 def test_the_switch_turns_the_kernels_off(monkeypatch):
@@ -163,6 +182,11 @@ def test_the_switch_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv("NLC_DELTA_KERNEL", "1")
     monkeypatch.setenv("NLC_FUSED", "0")
     assert not delta.applies(128, 128, 64, 32, 128, torch.device("cuda"))
+    from nlc.runtime.fused import triangular
+
+    monkeypatch.setenv("NLC_FUSED", "interpret")
+    monkeypatch.setenv("NLC_LINEAR_INVERSE", "solve")
+    assert not triangular.applies(torch.zeros(2, 64, 64))
 
 
 def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
