@@ -25,7 +25,8 @@ matrix where ``2 C >= in`` and applies its factors otherwise (``C`` much smaller
 
 :func:`sequence` computes ``P, w_free, Qeff, z_free, M, F`` for all chunks at once (batched
 products; each chunk's ``(I + K)^{-1}`` from one batched triangular solve against the identity,
-:func:`solve_unit_lower`), then runs the only sequential part, ``W_{c+1} = W_c M_c + F_c`` (in
+:func:`solve_unit_lower`, or on a GPU one Triton program a matrix, ``nlc.runtime.fused.triangular``),
+then runs the only sequential part, ``W_{c+1} = W_c M_c + F_c`` (in
 float32 with autocast off, so the state is never rounded to bf16; ``_StateRecurrence``, whose
 backward runs only the state's gradient chunk after chunk), and reads every chunk with one
 batched product. The values are ``chunk_step``'s chunk after chunk, up to rounding (tested against the per-token

@@ -192,8 +192,9 @@ def test_the_switch_turns_the_kernels_off(monkeypatch):
 def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
     from nlc.diagnostics import SettingError
 
-    monkeypatch.setenv("NLC_DELTA_TUNE", "rows=48")
-    with pytest.raises(SettingError, match="NLC_DELTA_TUNE"):
-        delta._tune()
+    for bad in ("rows=48", "rows=8", "bwd_stages=8", "warps=3", "colour=4"):
+        monkeypatch.setenv("NLC_DELTA_TUNE", bad)
+        with pytest.raises(SettingError, match="NLC_DELTA_TUNE"):
+            delta._tune()
     monkeypatch.setenv("NLC_DELTA_TUNE", "rows=16,bwd_stages=3")
     assert delta._tune()["rows"] == 16 and delta._tune()["bwd_stages"] == 3

@@ -54,9 +54,10 @@ at most 16 tokens, and larger: ``benchmarks/fused_diag.py`` sweeps them), which
 ``NLC_FUSED=0`` turns the fused path off; ``NLC_FUSED=interpret`` also uses it for CPU tensors
 (it needs ``TRITON_INTERPRET=1`` set before Triton is imported; tests only).
 
-Two more kernel sets live here for other memories: ``accumulate`` (the wide MLP op's state
-updates, ``nlc.runtime.wide_chunks``) and ``delta`` (a linear memory's delta-rule recurrence,
-``nlc.runtime.linear_chunks``); the same two switches apply to them.
+More kernels live here for other memories: ``accumulate`` (the wide MLP op's state updates,
+``nlc.runtime.wide_chunks``), ``delta`` (a linear memory's delta-rule recurrence) and
+``triangular`` (its chunks' unit-lower inverses; both ``nlc.runtime.linear_chunks``); the same
+two switches apply to them.
 """
 
 from __future__ import annotations

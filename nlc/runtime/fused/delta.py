@@ -61,14 +61,19 @@ __all__ = ["applies", "delta_recurrence", "reference", "run"]
 TUNE = {"rows": 32, "warps": 4, "stages": 2, "bwd_rows": 32, "bwd_warps": 4, "bwd_stages": 2}
 
 
+_ALLOWED = {"rows": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4)}
+
+
 def _tune() -> dict:
     out = dict(TUNE)
     for item in filter(None, os.environ.get("NLC_DELTA_TUNE", "").split(",")):
         key, _, value = (x.strip() for x in item.partition("="))
-        if key not in out or not value.isdigit() or int(value) not in (1, 2, 3, 4, 8, 16, 32, 64, 128):
+        allowed = _ALLOWED.get(key.removeprefix("bwd_"), ()) if key in out else ()
+        if not value.isdigit() or int(value) not in allowed:
             raise SettingError(
-                f"NLC_DELTA_TUNE: expected key=N,... with keys {', '.join(TUNE)} and N a power of "
-                f"two up to 128; got {item!r} (unset it for the defaults)"
+                f"NLC_DELTA_TUNE: expected key=N,... with keys {', '.join(TUNE)}; rows one of "
+                f"16, 32, 64, 128, warps 1-16 (powers of two), stages 1-4; got {item!r} (unset it "
+                "for the defaults)"
             )
         out[key] = int(value)
     return out
