@@ -33,14 +33,14 @@ batched product. The values are ``chunk_step``'s chunk after chunk, up to roundi
 reference in float64, values and gradients). ``gd`` is the case ``P = 0``; a chunk read
 (``read="chunk"``) is ``Qeff = q, z_free = 0``.
 
-For ``dgd`` on a GPU (``nlc.runtime.fused.delta.applies``: ``in``, ``out`` and ``C`` powers of two
-from 16) the sequential part and the read of the state run instead as one Triton kernel each way
+For ``dgd`` in float32 on a GPU (``nlc.runtime.fused.delta.applies``: ``in``, ``out`` and ``C``
+powers of two from 16, ``in`` at most 256, ``C`` at most 128) the sequential part and the read of the state run instead as one Triton kernel each way
 (``nlc.runtime.fused.delta``), without forming ``M`` or ``F``: the chunk's corrected values ``r =
 P W_c^T + w_free`` and ``W_{c+1} = gamma_end W_c + (A_end * r - A_end eta u)^T a``, the same
 chunk map. The delta-rule op at B 8, T 2048, H 16, D 128, period 64 ran 5.11 ms a step against
 7.09 ms with ``_StateRecurrence`` (H200, ``benchmarks/RESULTS.md``).
 
-Products of the form ``x @ y^T`` go through ``_mm_nt``, whose backward gives both gradients in
+The products ``a a^T`` and ``q a^T`` go through ``_mm_nt``, whose backward gives both gradients in
 their operands' own row-major layout (autograd's ``(x^T g)^T`` made compiled code sum the keys'
 gradient across strides).
 """
@@ -81,9 +81,9 @@ def applies(spec, objective: str, rule, read: str, n_chunks: int, device) -> boo
 
 
 class _UnitLowerInverse(torch.autograd.Function):
-    """``(I + K)^{-1}`` of a strictly lower triangular ``K`` ``[..., C, C]``: one batched triangular
-    solve against the identity forward; backward ``dK = -tril(X^T dX X^T, -1)`` (two products, no
-    second solve)."""
+    """``(I + K)^{-1}`` of a strictly lower triangular ``K`` ``[..., C, C]``: forward one batched
+    triangular solve against the identity, or where ``fused.triangular.applies`` (float32 on a GPU)
+    its Triton kernel; backward ``dK = -tril(X^T dX X^T, -1)`` (two products, no second solve)."""
 
     @staticmethod
     def forward(K: Tensor) -> Tensor:
@@ -102,6 +102,9 @@ class _UnitLowerInverse(torch.autograd.Function):
         return -(X.mT @ dX @ X.mT).tril(-1)
 
 
+_AUTOCAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
+
+
 class _ProductNT(torch.autograd.Function):
     """``x @ y^T`` (batched) whose backward gives each gradient in its operand's own layout:
     ``dx = g y``, ``dy = g^T x``, both row-major. Autograd through ``x @ y.mT`` forms ``dy`` as
@@ -114,8 +117,8 @@ class _ProductNT(torch.autograd.Function):
         ctx.save_for_backward(x, y)
         dev = x.device.type
         ctx.amp = on, dt = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        if on:  # cast before the transpose: y^T stays a view of one cast copy, not a second one
-            x, y = x.to(dt), y.to(dt)
+        if on and x.dtype in _AUTOCAST and y.dtype in _AUTOCAST:  # cast before the transpose:
+            x, y = x.to(dt), y.to(dt)  # y^T stays a view of one cast copy, not a second one
         return x @ y.mT
 
     @staticmethod
@@ -140,7 +143,7 @@ class _Gram(torch.autograd.Function):
         ctx.save_for_backward(x)
         dev = x.device.type
         ctx.amp = on, dt = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        if on:
+        if on and x.dtype in _AUTOCAST:
             x = x.to(dt)
         return x @ x.mT
 
@@ -161,8 +164,8 @@ def solve_unit_lower(K: Tensor, rhs: Tensor) -> Tensor:
     """``(I + K)^{-1} rhs`` for a strictly lower triangular ``K`` ``[..., C, C]``, ``rhs`` ``[..., C, m]``,
     in float32 or wider with autocast off.
 
-    The inverse comes from one batched triangular solve with ``C`` right-hand sides (not ``m``: the
-    solve is the slow part on a GPU, a product is not), then one product applies it."""
+    The inverse comes from :class:`_UnitLowerInverse` (one batched solve with ``C`` right-hand
+    sides, not ``m``, or the Triton kernel on a GPU), then one product applies it."""
     dt = torch.promote_types(K.dtype, torch.float32)
     with torch.autocast(K.device.type, enabled=False):
         inv = _UnitLowerInverse.apply(K.to(dt))
@@ -266,7 +269,7 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
         X = solve_unit_lower(K, rhs.to(K.dtype))
         P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
     din, dout = a.shape[-1], u.shape[-1]
-    if dgd and _delta.applies(din, dout, C, n, _batch_size(W0, a), k.device):
+    if dgd and dt == torch.float32 and _delta.applies(din, dout, C, n, _batch_size(W0, a), k.device):
         return _kernel_sequence(co, a, u, eta, geta, apply, X, W0, q, n, C, read)
     # the chunk's end state, affine in its start state: W_end = W_0 M + F with
     # M = gamma_end I + U^T a, U = A_end * P (rank C): formed as an [in, in] matrix when that is

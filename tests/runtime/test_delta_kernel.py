@@ -68,7 +68,8 @@ def _outputs_and_grads(fn, leaves, device, dtype):
     g = torch.Generator().manual_seed(11)
     probe = sum((o.double().cpu() * torch.randn(o.shape, generator=g, dtype=F64)).sum() for o in outs)
     live = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(probe, live)
+    grads = torch.autograd.grad(probe, live, allow_unused=True)  # unused: a zero gradient
+    grads = [torch.zeros_like(t) if d is None else d for t, d in zip(live, grads)]
     return [o.detach().double().cpu() for o in outs], [d.double().cpu() for d in grads]
 
 
@@ -78,7 +79,7 @@ def _close(a, b, what, tol=2e-5):
 
 
 @pytest.mark.parametrize("read", [True, False])
-@pytest.mark.parametrize("DI,DO", [(16, 16), (32, 16), (16, 128)])  # 128 rows: two blocks of 64
+@pytest.mark.parametrize("DI,DO", [(16, 16), (32, 16), (16, 128)])  # 128 rows: four blocks of 32
 def test_recurrence_op_matches_reference(device, read, DI, DO):
     """Values (read and end state) and the gradients of W0 (broadcast over the batch), the decays,
     P, wf, Ae, Fu, the keys and the read's queries, float32 kernels against float64 torch."""
@@ -91,6 +92,44 @@ def test_recurrence_op_matches_reference(device, read, DI, DO):
     names = ["W0", "gam", "P", "wf", "Ae", "Fu", "a", "qe"]
     for name, a, b in zip(names, got[1], want[1]):
         _close(a, b, f"grad of {name}")
+
+
+@pytest.mark.parametrize("used", ["y", "W_n"])
+def test_recurrence_op_with_one_output_unused(device, used):
+    """Only the read, or only the end state, in the loss: the other output's gradient comes as
+    None (not materialized) and the inputs' gradients still match the reference."""
+    leaves = _op_inputs((2,), 3, 16, 32, 64, True, seed_of("unused", used))
+
+    def only(fn):
+        def call(*args):
+            y, W = fn(*args)
+            return (y, None) if used == "y" else (None, W)
+
+        return call
+
+    got = _outputs_and_grads(only(delta.run), leaves, device, torch.float32)
+    want = _outputs_and_grads(only(delta.reference), leaves, "cpu", F64)
+    _close(got[0][0], want[0][0], used)
+    for name, a, b in zip(["W0", "gam", "P", "wf", "Ae", "Fu", "a", "qe"], got[1], want[1]):
+        _close(a, b, f"grad of {name}")
+
+
+def test_float64_keeps_the_float64_recurrence(device, monkeypatch):
+    """A float64 computation never takes the float32 kernels (nor the inverse kernel)."""
+    from nlc.runtime.fused import triangular
+
+    calls = []
+    real_run, real_inv = delta.run, triangular.unit_lower_inverse
+    monkeypatch.setattr(delta, "run", lambda *a: calls.append("delta") or real_run(*a))
+    monkeypatch.setattr(triangular, "unit_lower_inverse", lambda K: calls.append("inv") or real_inv(K))
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
+    spec, rule = MemorySpec("linear", 16, 16), RuleSpec("dgd")
+    p = make_problem(spec, rule, B=1, H=2, T=2 * 16, seed=5)
+    y, W, _ = scan(spec, "dot", rule, [w.to(device) for w in p["W0"]], None, p["k"].to(device),
+                   p["v"].to(device), p["q"].to(device), p["eta"].to(device), p["alpha"].to(device),
+                   None, chunk=16, read="causal")  # fmt: skip
+    assert y.dtype == torch.float64 and W[0].dtype == torch.float64
+    assert calls == []
 
 
 @pytest.mark.parametrize("DI,DO", [(128, 128), (64, 32)])

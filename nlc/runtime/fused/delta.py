@@ -25,13 +25,15 @@ come after it, every chunk at once in batched products: ``dP = dr W_c``, ``dQe =
 ``da = (Ae * r + Fu) G_{c+1}`` (their operands written by the kernel in the products' dtype).
 
 Precision follows ``mlp2.precision``: under bf16 autocast the products take bf16 operands (the
-state's rows rounded only as a product's operand, as autocast would; the chunk-start states and
-``G`` are kept in bf16 for the batched products); otherwise TF32 when
-``torch.backends.cuda.matmul.allow_tf32`` is on, IEEE float32 when not. The running state, the
-running ``G`` and every sum stay float32. :func:`reference` is the same recurrence in plain
-torch (any dtype, autograd), against which ``tests/runtime/test_delta_kernel.py`` checks the
-kernels in float64 (values and all gradients) on CUDA and through Triton's interpreter, and
-under bf16 autocast on CUDA.
+state's rows rounded as a product's operand, as autocast would), and the chunk-start states and
+``G`` are kept in bf16 for the batched products (so ``dg`` sums float32 products of bf16 start
+states); otherwise TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on, IEEE float32 when
+not. The running state, the running ``G`` and the sums stay float32; inputs are float32 (a
+float64 computation keeps ``linear_chunks``' own recurrence). :func:`reference` is the same
+recurrence in plain torch (any dtype, autograd): ``tests/runtime/test_delta_kernel.py`` checks
+the kernels, in float32, against it in float64 (values and all gradients) on CUDA and through
+Triton's interpreter, and under bf16 autocast on CUDA (the interpreter's bf16 products are not
+trustworthy).
 
 The chunk count ``n`` is a compile-time constant of the kernels (Triton's interpreter cannot
 loop over a runtime count with numpy 2): one compile per sequence length.
@@ -115,8 +117,9 @@ if triton is not None:
         n: tl.constexpr, C: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BO: tl.constexpr,
         READ: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        ob = tl.program_id(0)
-        b = tl.program_id(1)
+        pid = tl.program_id(0)  # one axis (no 65,535 cap), a memory's row blocks side by side
+        b = pid // (DO // BO)
+        ob = pid % (DO // BO)
         ro = ob * BO + tl.arange(0, BO)
         ri = tl.arange(0, DI)
         rc = tl.arange(0, C)
@@ -146,8 +149,9 @@ if triton is not None:
         n: tl.constexpr, C: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BO: tl.constexpr,
         READ: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        ob = tl.program_id(0)
-        b = tl.program_id(1)
+        pid = tl.program_id(0)  # one axis (no 65,535 cap), a memory's row blocks side by side
+        b = pid // (DO // BO)
+        ob = pid % (DO // BO)
         ro = ob * BO + tl.arange(0, BO)
         ri = tl.arange(0, DI)
         rc = tl.arange(0, C)
@@ -190,9 +194,11 @@ def delta_recurrence(
     """``n`` chunks of ``N`` linear memories' delta rule, chunk after chunk (the module's equations).
 
     W0 ``[N, out, in]``; gam ``[N, n]``; P, a, qe ``[N, n, C, in]``; wf, Fu ``[N, n, C, out]``;
-    Ae ``[N, n, C]``; all float32 and contiguous. ``read`` off: ``qe`` is ignored (pass anything).
-    Returns ``(y [N, n, C, out], W_n [N, out, in], starts [N, n, out, in], r [N, n, C, out])``,
-    float32; ``y`` is an empty ``[0]`` tensor without the read; the last two are for the backward.
+    Ae ``[N, n, C]``; all contiguous, float32 but for P, a, qe, which are in the products' operand
+    dtype (bf16 for ``prec`` bf16). ``read`` off: ``qe`` is ignored (pass anything).
+    Returns ``(y [N, n, C, out], W_n [N, out, in], starts [N, n, out, in], r [N, n, C, out])``:
+    float32 but for ``starts``, in P's dtype; ``y`` is an empty ``[0]`` tensor without the read;
+    the last two are for the backward (not differentiable).
     """
     N, n, C, DI = P.shape
     DO = W0.shape[-2]
@@ -203,7 +209,7 @@ def delta_recurrence(
     y = W0.new_empty(N, n, C, DO) if read else W0.new_empty(0)
     wn = torch.empty_like(W0)
     with _device(W0):
-        _fwd_kernel[(DO // BO, N)](
+        _fwd_kernel[(N * (DO // BO),)](
             W0, gam, P, wf, Ae, Fu, a, qe if read else P, ws, r, y if read else r, wn, n,
             C, DI, DO, BO, read, prec, num_warps=t["warps"], num_stages=t["stages"],
         )  # fmt: skip
@@ -240,7 +246,7 @@ def delta_recurrence_backward(
     dro, eo = ws.new_empty(N, n, C, DO), ws.new_empty(N, n, C, DO)
     dyo = ws.new_empty(N, n, C, DO) if read else eo
     with _device(dwn):
-        _bwd_kernel[(nb, N)](
+        _bwd_kernel[(N * nb,)](
             gam, P, Ae, Fu, a, qe if read else P, ws, r, dy if read else dwn, dwn, dw0, gn,
             dgam_p, dae_p, de, dr, dro, dyo, eo,
             N, n, C, DI, DO, BO, read, prec, num_warps=t["bwd_warps"], num_stages=t["bwd_stages"],
@@ -270,11 +276,15 @@ def _setup_context(ctx, inputs, output):
     _, _, ws, r = output
     ctx.save_for_backward(gam, P, Ae, Fu, a, qe, ws, r)
     ctx.read, ctx.prec = read, prec
+    ctx.mark_non_differentiable(ws, r)  # saved for the backward only
+    ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not as zeros
 
 
 def _backward(ctx, dy, dwn, _dws, _dr):
     gam, P, Ae, Fu, a, qe, ws, r = ctx.saved_tensors
-    dwn = torch.zeros_like(ws[:, 0]) if dwn is None else dwn.contiguous()
+    if dwn is None:
+        dwn = ws.new_zeros(ws[:, 0].shape, dtype=torch.float32)
+    dwn = dwn.contiguous()
     if ctx.read:
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
     else:
