@@ -304,8 +304,8 @@ def run(W0: Tensor, gam: Tensor, P: Tensor, wf: Tensor, Ae: Tensor, Fu: Tensor, 
         qe: Tensor | None) -> tuple[Tensor | None, Tensor]:
     """:func:`delta_recurrence` on the caller's tensors: any batch shape ``...`` that broadcasts
     (``W0`` ``[..., out, in]``, ``gam`` ``[..., n]``, the rest as there with ``[..., n, C, x]``),
-    any float dtype (cast to float32). Returns ``(y [..., n, C, out] or None, W_n [..., out, in])``
-    in float32."""
+    any float dtype (cast to float32; ``P``, ``a`` and ``qe`` to the products' operand dtype, bf16
+    under bf16 autocast). Returns ``(y [..., n, C, out] or None, W_n [..., out, in])`` in float32."""
     n, C, DI = P.shape[-3:]
     DO = W0.shape[-2]
     batch = torch.broadcast_shapes(W0.shape[:-2], gam.shape[:-1], P.shape[:-3], wf.shape[:-3],
