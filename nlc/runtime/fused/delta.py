@@ -102,14 +102,20 @@ def _device(t: Tensor):
 
 
 if triton is not None:
+    from .mlp2 import _dot  # a product with bf16, TF32 or IEEE float32 operands
 
     @triton.jit
-    def _mm(a, b, PREC: tl.constexpr):
-        """``a @ b``, float32 accumulation; operands in bf16, TF32 or IEEE float32."""
-        if PREC == "bf16":
-            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-        else:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    def _tiles(C: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BO: tl.constexpr):
+        """This program's memory ``b`` and its block ``ob`` of state rows: ``(b, ob, token offsets rc,
+        [BO, DI] offsets within a state, [C, DI] and [C, BO] offsets within a chunk)``. One grid
+        axis (no 65,535 cap), a memory's row blocks side by side."""
+        pid = tl.program_id(0)
+        b = pid // (DO // BO)
+        ob = pid % (DO // BO)
+        ro = ob * BO + tl.arange(0, BO)
+        ri = tl.arange(0, DI)
+        rc = tl.arange(0, C)
+        return b, ob, rc, ro[:, None] * DI + ri[None, :], rc[:, None] * DI + ri[None, :], rc[:, None] * DO + ro[None, :]
 
     @triton.jit
     def _fwd_kernel(
@@ -117,30 +123,22 @@ if triton is not None:
         n: tl.constexpr, C: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BO: tl.constexpr,
         READ: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)  # one axis (no 65,535 cap), a memory's row blocks side by side
-        b = pid // (DO // BO)
-        ob = pid % (DO // BO)
-        ro = ob * BO + tl.arange(0, BO)
-        ri = tl.arange(0, DI)
-        rc = tl.arange(0, C)
-        s_off = ro[:, None] * DI + ri[None, :]  # [BO, DI] within one state
-        t_in = rc[:, None] * DI + ri[None, :]  # [C, DI] within one chunk
-        t_out = rc[:, None] * DO + ro[None, :]  # [C, BO] within one chunk
+        b, _, rc, s_off, t_in, t_out = _tiles(C, DI, DO, BO)
         W = tl.load(W0 + b * DO * DI + s_off).to(tl.float32)
         for c in range(n):
             bc = b * n + c
             tl.store(WS + bc * DO * DI + s_off, W.to(WS.dtype.element_ty))
             p = tl.load(P + bc * C * DI + t_in)
-            r = _mm(p, tl.trans(W), PREC) + tl.load(WF + bc * C * DO + t_out).to(tl.float32)
+            r = _dot(p, tl.trans(W), PREC) + tl.load(WF + bc * C * DO + t_out).to(tl.float32)
             tl.store(R + bc * C * DO + t_out, r)
             if READ:
                 qe = tl.load(QE + bc * C * DI + t_in)
-                tl.store(Y + bc * C * DO + t_out, _mm(qe, tl.trans(W), PREC))
+                tl.store(Y + bc * C * DO + t_out, _dot(qe, tl.trans(W), PREC))
             ae = tl.load(AE + bc * C + rc).to(tl.float32)
             e = ae[:, None] * r + tl.load(FU + bc * C * DO + t_out).to(tl.float32)
             a = tl.load(A + bc * C * DI + t_in)
             g = tl.load(GAM + bc).to(tl.float32)
-            W = g * W + _mm(tl.trans(e), a, PREC)
+            W = g * W + _dot(tl.trans(e), a, PREC)
         tl.store(WN + b * DO * DI + s_off, W)
 
     @triton.jit
@@ -149,15 +147,7 @@ if triton is not None:
         n: tl.constexpr, C: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BO: tl.constexpr,
         READ: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)  # one axis (no 65,535 cap), a memory's row blocks side by side
-        b = pid // (DO // BO)
-        ob = pid % (DO // BO)
-        ro = ob * BO + tl.arange(0, BO)
-        ri = tl.arange(0, DI)
-        rc = tl.arange(0, C)
-        s_off = ro[:, None] * DI + ri[None, :]
-        t_in = rc[:, None] * DI + ri[None, :]
-        t_out = rc[:, None] * DO + ro[None, :]
+        b, ob, rc, s_off, t_in, t_out = _tiles(C, DI, DO, BO)
         G = tl.load(DWN + b * DO * DI + s_off).to(tl.float32)
         for i in range(n):
             bc = b * n + (n - 1 - i)
@@ -166,7 +156,7 @@ if triton is not None:
             tl.store(DGAM_P + pc, tl.sum(tl.sum(ws * G, 1), 0))
             tl.store(GN + bc * DO * DI + s_off, G.to(GN.dtype.element_ty))
             a = tl.load(A + bc * C * DI + t_in)
-            de = _mm(a, tl.trans(G), PREC)  # [C, BO]
+            de = _dot(a, tl.trans(G), PREC)  # [C, BO]
             tl.store(DE + bc * C * DO + t_out, de)
             r = tl.load(R + bc * C * DO + t_out)
             tl.store(DAE_P + pc * C + rc, tl.sum(r * de, 1))
@@ -177,12 +167,12 @@ if triton is not None:
             tl.store(DR + bc * C * DO + t_out, dr)
             tl.store(DRO + bc * C * DO + t_out, dr.to(DRO.dtype.element_ty))
             p = tl.load(P + bc * C * DI + t_in)
-            G = tl.load(GAM + bc).to(tl.float32) * G + _mm(tl.trans(dr), p, PREC)
+            G = tl.load(GAM + bc).to(tl.float32) * G + _dot(tl.trans(dr), p, PREC)
             if READ:
                 dy = tl.load(DY + bc * C * DO + t_out).to(tl.float32)
                 tl.store(DYO + bc * C * DO + t_out, dy.to(DYO.dtype.element_ty))
                 qe = tl.load(QE + bc * C * DI + t_in)
-                G += _mm(tl.trans(dy), qe, PREC)
+                G += _dot(tl.trans(dy), qe, PREC)
         tl.store(DW0 + b * DO * DI + s_off, G)
 
 
