@@ -16,7 +16,8 @@ autocast with TF32 on, compiled with ``fullgraph=True`` (every chunk at once:
 - ``linear_old``, ``linear_cg_old``: ``linear``, ``linear_cg`` with ``linear_chunks``' own
   recurrence instead of the delta kernels (``NLC_DELTA_KERNEL=0``; ``nlc.runtime.fused.delta``);
   ``..._solve``: with cuBLAS's triangular solve for the chunks' inverses instead of
-  ``nlc.runtime.fused.triangular`` (``NLC_LINEAR_INVERSE=solve``).
+  ``nlc.runtime.fused.triangular`` (``NLC_LINEAR_INVERSE=solve``); ``..._split``: each chunk's own
+  part in batched products instead of ``nlc.runtime.fused.delta_chunks`` (``NLC_DELTA_CHUNKS=0``).
 
 Every mode is timed with CUDA events (median of ``--steps``) in one process; ``--profile`` prints
 (and writes to ``$OUT``) the GPU kernels of one step of each nlc mode. Results go to
@@ -30,6 +31,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -145,8 +147,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--tunes", default="", help="';'-separated NLC_DELTA_TUNE values: the kernel "
-                    "modes run once for each (nlc.runtime.fused.delta)")
+    ap.add_argument("--tunes", default="", help="';'-separated NLC_DELTA_TUNE values "
+                    "(nlc.runtime.fused.delta), or NLC_DELTA_CHUNKS_TUNE values prefixed 'chunks:' "
+                    "(nlc.runtime.fused.delta_chunks): the kernel modes run once for each")
     args = ap.parse_args()
     torch.set_float32_matmul_precision("high")
     out_dir = os.environ.get("OUT")
@@ -160,15 +163,18 @@ def main():
     for mode, tune in runs:
         torch._dynamo.reset()
         os.environ.pop("NLC_DELTA_TUNE", None)
+        os.environ.pop("NLC_DELTA_CHUNKS_TUNE", None)
         if tune:
-            os.environ["NLC_DELTA_TUNE"] = tune
-        base, old, solve = mode, False, False
-        while base.endswith(("_old", "_solve")):
-            old, solve = old or base.endswith("_old"), solve or base.endswith("_solve")
-            base = base.removesuffix("_old").removesuffix("_solve")
+            _, prefixed, value = tune.rpartition("chunks:")
+            os.environ["NLC_DELTA_CHUNKS_TUNE" if prefixed else "NLC_DELTA_TUNE"] = value
+        base, flags = mode, set()
+        while base.endswith(("_old", "_solve", "_split")):
+            base, _, flag = base.rpartition("_")
+            flags.add(flag)
         os.environ["NLC_LINEAR_CHUNKS"] = "0" if base == "loop" else "1"
-        os.environ["NLC_DELTA_KERNEL"] = "0" if old else "1"
-        os.environ["NLC_LINEAR_INVERSE"] = "solve" if solve else "kernel"
+        os.environ["NLC_DELTA_KERNEL"] = "0" if "old" in flags else "1"
+        os.environ["NLC_LINEAR_INVERSE"] = "solve" if "solve" in flags else "kernel"
+        os.environ["NLC_DELTA_CHUNKS"] = "0" if "split" in flags else "1"
         row = {"mode": mode, "tune": tune, "B": B, "T": T, "H": H, "D": D, "chunk": args.chunk}
         try:
             if base in ("linear", "linear_cg", "loop"):
@@ -189,9 +195,10 @@ def main():
             row.update(first_s=round(first, 2), ms=round(ms, 3), tokens_per_s=round(B * T / ms * 1e3),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
             if args.profile and base not in ("sdpa", "linear_cg"):
-                profile(step, mode + ("" if tune is None else "_" + tune.replace(",", "_").replace("=", "")), out_dir)
+                profile(step, mode + ("" if tune is None else "_" + tune.replace(",", "_").replace("=", "").replace(":", "_")), out_dir)
         except Exception as e:  # noqa: BLE001 - a failed mode is a result
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc()
         print(json.dumps(row), flush=True)
         rows.append(row)
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}

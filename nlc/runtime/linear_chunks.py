@@ -40,6 +40,12 @@ P W_c^T + w_free`` and ``W_{c+1} = gamma_end W_c + (A_end * r - A_end eta u)^T a
 chunk map. The delta-rule op at B 8, T 2048, H 16, D 128, period 64 ran 5.11 ms a step against
 7.09 ms with ``_StateRecurrence`` (H200, ``benchmarks/RESULTS.md``).
 
+Where ``fused.delta_chunks`` applies too (``in``, ``out`` and ``C`` powers of two from 16, ``C``
+at most 128), each chunk's own part (``K``, its inverse, ``P``, ``w_free`` and the read's
+``Qeff``, ``z_free``) runs as one Triton program a chunk each way instead of ``_Coeffs``' matrices
+and the batched products (:func:`_fused_sequence`; 4.83 ms against 5.20 at the shape above, same
+run; ``NLC_DELTA_CHUNKS=0`` keeps the batched products).
+
 The products ``a a^T`` and ``q a^T`` go through ``_mm_nt``, whose backward gives both gradients in
 their operands' own row-major layout (autograd's ``(x^T g)^T`` made compiled code sum the keys'
 gradient across strides).
@@ -54,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused import delta as _delta
+from .fused import delta_chunks as _chunks
 from .fused import triangular as _triangular
 
 __all__ = ["applies", "run", "sequence", "solve_unit_lower"]
@@ -254,6 +261,9 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
     dgd = rule.kind == "dgd"
     if dgd and rule.dgd_form == "normalized":
         eta = eta / (1.0 + eta * (a * a).sum(-1))
+    din, dout = a.shape[-1], u.shape[-1]
+    if dgd and dt == torch.float32 and _fused_applies(din, dout, C, n, _batch_size(W0, a), k.device):
+        return _fused_sequence(a, u, eta, alpha, W0, q, n, C, read)
     full = dgd or read == "causal"
     co = _Coeffs(alpha, None, C, momentum=False, full=full, dgd=dgd, dtype=dt, device=k.device)
 
@@ -268,7 +278,6 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
         rhs = torch.cat([(-eta * co.gam_prev)[..., None] * a, eta[..., None] * apply(geta_prev, aa)], dim=-1)
         X = solve_unit_lower(K, rhs.to(K.dtype))
         P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
-    din, dout = a.shape[-1], u.shape[-1]
     if dgd and dt == torch.float32 and _delta.applies(din, dout, C, n, _batch_size(W0, a), k.device):
         return _kernel_sequence(co, a, u, eta, geta, apply, X, W0, q, n, C, read)
     # the chunk's end state, affine in its start state: W_end = W_0 M + F with
@@ -322,6 +331,35 @@ def _batch_size(W0: Tensor, a: Tensor) -> int:
     for s in torch.broadcast_shapes(W0.shape[:-2], a.shape[:-3]):
         N *= s
     return N
+
+
+def _fused_applies(din: int, dout: int, C: int, n: int, N: int, device) -> bool:
+    """Both kernels take this memory: the recurrence (``fused.delta``) and each chunk's own part
+    (``fused.delta_chunks``)."""
+    return _delta.applies(din, dout, C, n, N, device) and _chunks.applies(din, dout, C, N * n, device)
+
+
+def _fused_sequence(a, u, eta, alpha, W0, q, n: int, C: int, read: str):
+    """The dgd chunks in two kernels each way: every chunk's own part at once
+    (``fused.delta_chunks``: ``P, w_free`` and the read's ``Qeff, z_free`` from the keys, values,
+    queries, rates and the chunk's decay matrix, without ``_Coeffs``' matrices or the batched
+    products), then the recurrence and the read of the state (``fused.delta``)."""
+    from .chunk import decay_matrix
+
+    dx = decay_matrix(alpha, C, dtype=a.dtype, device=a.device)  # [..., n, C+1, C+1]
+    dx = torch.broadcast_to(dx, (*torch.broadcast_shapes(dx.shape[:-2], eta.shape[:-1]), C + 1, C + 1))
+    h = q.unflatten(-2, (n, C)) if q is not None else None
+    P, w_free, qe, z = _chunks.run(a, u, h if read == "causal" else None, eta, dx)
+    if read == "chunk":
+        qe = h
+    Ae = dx[..., C, 1:]  # the decays from each token to the chunk's end, and over the chunk
+    Fu = -(Ae * eta)[..., None] * u
+    y, W = _delta.run(W0, dx[..., C, 0], P, w_free, Ae, Fu, a, qe)
+    if q is None:
+        return None, W
+    if z is not None:
+        y = y + z
+    return y.flatten(-3, -2), W
 
 
 def _kernel_sequence(co, a, u, eta, geta, apply, X, W0, q, n: int, C: int, read: str):

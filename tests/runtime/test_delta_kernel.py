@@ -148,6 +148,7 @@ def test_recurrence_op_under_bf16_autocast_tracks_float64(device, DI, DO):
         _close(a, b, f"grad of {name}", tol=3e-2)
 
 
+@pytest.mark.parametrize("chunks", ["1", "0"])  # each chunk's own part by its kernels, or not
 @pytest.mark.parametrize("read", ["chunk", "causal"])
 @pytest.mark.parametrize(
     "rule,gates,din,dout",
@@ -159,10 +160,13 @@ def test_recurrence_op_under_bf16_autocast_tracks_float64(device, DI, DO):
     ],
 )
 def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkeypatch, rule, gates,
-                                                                  din, dout, read):
+                                                                  din, dout, read, chunks):
     """``scan`` on a linear memory (dgd on ``dot``, period 16, three full chunks and a partial
     one) takes the kernels, in float32, and matches the per-token reference in float64: outputs,
-    final state, and the gradients of W_0 (shared over the batch), k, v, q and the gates."""
+    final state, and the gradients of W_0 (shared over the batch), k, v, q and the gates. With
+    ``NLC_DELTA_CHUNKS=0`` each chunk's own part runs in ``linear_chunks``' batched products."""
+    from nlc.runtime.fused import delta_chunks
+
     spec = MemorySpec("linear", din, dout)
     p = make_problem(spec, rule, B=2, H=2, T=3 * 16 + 5, seed=seed_of("scan", rule, gates, din),
                      gates="random" if gates == "no decay" else gates)  # fmt: skip
@@ -171,9 +175,11 @@ def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkey
     g = torch.Generator().manual_seed(3)
     p["W0"] = [(torch.randn(2, dout, din, generator=g, dtype=F64) * din**-0.5).requires_grad_()]
     calls = []
-    real = delta.run
-    monkeypatch.setattr(delta, "run", lambda *a: calls.append(1) or real(*a))
+    real, real_chunks = delta.run, delta_chunks.run
+    monkeypatch.setattr(delta, "run", lambda *a: calls.append("delta") or real(*a))
+    monkeypatch.setattr(delta_chunks, "run", lambda *a: calls.append("chunks") or real_chunks(*a))
     monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")  # on the CPU too
+    monkeypatch.setenv("NLC_DELTA_CHUNKS", chunks)
 
     def on_device(spec, objective, rule, W0, S0, k, v, q, eta, alpha, beta, chunk, read):
         def mv(t):
@@ -184,7 +190,8 @@ def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkey
         return y.double().cpu(), [w.double().cpu() for w in W], None
 
     compare(spec, "dot", rule, p, 16, read, tol=1e-4, fn=on_device)
-    assert calls, "scan did not take the delta kernels"
+    assert "delta" in calls, "scan did not take the delta kernels"
+    assert ("chunks" in calls) == (chunks == "1")
 
 
 @pytest.mark.parametrize("C", [16, 64, 128])

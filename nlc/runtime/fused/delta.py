@@ -67,15 +67,21 @@ _ALLOWED = {"rows": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "stages": (1, 
 
 
 def _tune() -> dict:
-    out = dict(TUNE)
-    for item in filter(None, os.environ.get("NLC_DELTA_TUNE", "").split(",")):
+    return tune_from_env("NLC_DELTA_TUNE", TUNE, _ALLOWED)
+
+
+def tune_from_env(name: str, defaults: dict, allowed: dict) -> dict:
+    """``defaults`` with the overrides of the environment variable ``name`` (``key=N,...``; a key
+    ``bwd_x`` takes ``x``'s values); a key or value not allowed is a ``SettingError``."""
+    out = dict(defaults)
+    for item in filter(None, os.environ.get(name, "").split(",")):
         key, _, value = (x.strip() for x in item.partition("="))
-        allowed = _ALLOWED.get(key.removeprefix("bwd_"), ()) if key in out else ()
-        if not value.isdigit() or int(value) not in allowed:
+        ok = allowed.get(key.removeprefix("bwd_"), ()) if key in out else ()
+        if not value.isdigit() or int(value) not in ok:
+            values = "; ".join(f"{k} one of {', '.join(map(str, v))}" for k, v in allowed.items())
             raise SettingError(
-                f"NLC_DELTA_TUNE: expected key=N,... with keys {', '.join(TUNE)}; rows one of "
-                f"16, 32, 64, 128, warps 1-16 (powers of two), stages 1-4; got {item!r} (unset it "
-                "for the defaults)"
+                f"{name}: expected key=N,... with keys {', '.join(defaults)}; {values}; got "
+                f"{item!r} (unset it for the defaults)"
             )
         out[key] = int(value)
     return out

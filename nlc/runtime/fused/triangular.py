@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._triton import tl, triton
 
-__all__ = ["applies", "unit_lower_inverse"]
+__all__ = ["applies", "invert", "unit_lower_inverse"]
 
 
 def applies(K: Tensor) -> bool:
@@ -44,10 +44,14 @@ if triton is not None:
 
     @triton.jit
     def _inverse_kernel(K, X, C: tl.constexpr, B: tl.constexpr):
-        NB: tl.constexpr = C // B
         m = tl.program_id(0).to(tl.int64)
-        Kb = K + m * C * C
-        Xb = X + m * C * C
+        invert(K + m * C * C, X + m * C * C, C, B)
+
+    @triton.jit
+    def invert(Kb, Xb, C: tl.constexpr, B: tl.constexpr):
+        """``Xb <- (I + tril(Kb, -1))^{-1}`` for one row-major ``[C, C]`` matrix at ``Kb`` (a
+        different buffer from ``Xb``); ends with a barrier, so the program may read ``Xb`` back."""
+        NB: tl.constexpr = C // B
         rb = tl.arange(0, B)
         blk = rb[:, None] * C + rb[None, :]  # one [B, B] block, from its corner
         # 1. the NB diagonal blocks at once ([NB, B, B]), each by forward substitution

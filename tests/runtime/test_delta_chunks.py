@@ -1,0 +1,149 @@
+"""Each chunk's own part of the delta rule as Triton kernels (``nlc.runtime.fused.delta_chunks``).
+
+The op's four outputs and the gradients of all five inputs are compared with
+:func:`delta_chunks.reference` (plain torch, float64, autograd). ``scan`` through these kernels is
+compared with the per-token reference in ``test_delta_kernel.py``. On CUDA the kernels run
+compiled with TF32 off; on the CPU through Triton's interpreter::
+
+    TRITON_INTERPRET=1 NLC_FUSED=interpret python -m pytest tests/runtime/test_delta_chunks.py
+
+Without Triton (the CPU wheel of torch) every case skips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nlc.runtime import fused
+from nlc.runtime.chunk import decay_matrix
+from nlc.runtime.fused import delta_chunks
+
+from .test_chunk import seed_of
+
+F64 = torch.float64
+NAMES = ["a", "u", "h", "eta", "decays"]
+
+
+def _devices():
+    out = []
+    if torch.cuda.is_available() and fused.available():
+        out.append("cuda")
+    if fused.available() and type(delta_chunks._fwd_kernel).__name__ == "InterpretedFunction":
+        out.append("cpu")
+    return out or ["none"]
+
+
+@pytest.fixture(params=_devices())
+def device(request, monkeypatch):
+    if request.param == "none":
+        pytest.skip("needs Triton on CUDA, or its interpreter (TRITON_INTERPRET=1)")
+    if request.param == "cpu":
+        monkeypatch.setenv("NLC_FUSED", "interpret")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return request.param
+
+
+def _inputs(batch, C, D, E, read, seed, shared_decays=False):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(*batch, C, D, generator=g, dtype=F64) * D**-0.5
+    u = torch.randn(*batch, C, E, generator=g, dtype=F64)
+    h = torch.randn(*batch, C, D, generator=g, dtype=F64) * D**-0.5 if read else None
+    eta = 0.2 + 0.8 * torch.rand(*batch, C, generator=g, dtype=F64)
+    lead = batch[1:] if shared_decays else batch  # decays broadcast over the first dimension
+    alpha = 0.6 + 0.4 * torch.rand(*lead, C, generator=g, dtype=F64)
+    dx = decay_matrix(alpha, C, dtype=F64)
+    return [a, u, h, eta, dx]
+
+
+def _outputs_and_grads(fn, leaves, device, dtype, used=(0, 1, 2, 3)):
+    leaves = [None if t is None else t.to(device, dtype).requires_grad_() for t in leaves]
+    outs = fn(*leaves)
+    g = torch.Generator().manual_seed(11)
+    probe = sum(
+        (outs[i].double().cpu() * torch.randn(outs[i].shape, generator=g, dtype=F64)).sum()
+        for i in used if outs[i] is not None
+    )  # fmt: skip
+    live = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(probe, live, allow_unused=True)
+    grads = [torch.zeros_like(t) if d is None else d for t, d in zip(live, grads)]
+    outs = [o.detach().double().cpu() for o in outs if o is not None]
+    return outs, [d.double().cpu() for d in grads]
+
+
+def _close(a, b, what, tol=2e-5):
+    scale = 1.0 + b.abs().max().item()
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _check(got, want, read, tol=2e-5):
+    names = ["P", "wf", "qe", "z"] if read else ["P", "wf"]
+    for name, x, y in zip(names, got[0], want[0]):
+        _close(x, y, name, tol)
+    names = NAMES if read else [n for n in NAMES if n != "h"]
+    for name, x, y in zip(names, got[1], want[1]):
+        _close(x, y, f"grad of {name}", tol)
+
+
+@pytest.mark.parametrize("read", [True, False])
+@pytest.mark.parametrize("C,D,E,block", [(16, 16, 16, 64), (16, 32, 16, 16), (32, 16, 64, 16), (64, 32, 32, 64)])
+def test_chunks_op_matches_reference(device, monkeypatch, read, C, D, E, block):
+    """Values ``P, wf, qe, z`` and the gradients of the keys, values, queries, rates and the
+    decay matrix (broadcast over the batch's first dimension), float32 kernels against float64
+    torch; ``block`` 16 takes the kernels' loops over several blocks of columns."""
+    monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", f"block={block},bwd_block={block}")
+    leaves = _inputs((2, 3), C, D, E, read, seed_of("chunks", read, C, D, E), shared_decays=True)
+    got = _outputs_and_grads(delta_chunks.run, leaves, device, torch.float32)
+    want = _outputs_and_grads(delta_chunks.reference, leaves, "cpu", F64)
+    _check(got, want, read)
+
+
+@pytest.mark.parametrize("used", [(0,), (1, 3), (2,)])
+def test_chunks_op_with_outputs_unused(device, used):
+    """Outputs left out of the loss come to the backward as None (not materialized); the inputs'
+    gradients still match the reference."""
+    leaves = _inputs((3,), 16, 32, 16, True, seed_of("chunks unused", used))
+    got = _outputs_and_grads(delta_chunks.run, leaves, device, torch.float32, used)
+    want = _outputs_and_grads(delta_chunks.reference, leaves, "cpu", F64, used)
+    _check(got, want, True)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("C,D,E", [(64, 128, 128), (32, 64, 32)])
+def test_chunks_op_under_bf16_autocast_tracks_float64(device, monkeypatch, C, D, E, tf32):
+    """Under bf16 autocast the key and query products take bf16 operands (the inverse and the
+    products with it stay float32): values and gradients within bf16's rounding. With TF32 on,
+    at the benchmark's size (4,096 chunks): the case whose bf16 and TF32 products in one kernel
+    read shared memory out of range (``delta_chunks._precisions``)."""
+    if device != "cuda":
+        pytest.skip("bf16 products: CUDA")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    batch = (8, 16, 32) if tf32 and C == 64 else (2, 4)
+    leaves = _inputs(batch, C, D, E, True, seed_of("chunks bf16", C, D, E))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = _outputs_and_grads(delta_chunks.run, leaves, device, torch.float32)
+    want = _outputs_and_grads(delta_chunks.reference, leaves, device, F64)  # float64 on the GPU
+    _check(got, want, True, tol=3e-2)
+
+
+def test_chunks_kernels_decline(monkeypatch):
+    monkeypatch.setenv("NLC_FUSED", "1")
+    cuda = torch.device("cuda")
+    assert delta_chunks.applies(128, 128, 64, 4096, cuda) == fused.available()
+    assert not delta_chunks.applies(128, 128, 64, 4096, torch.device("cpu"))
+    for din, dout, C in [(24, 128, 64), (128, 128, 8), (128, 128, 256), (128, 12, 64)]:
+        assert not delta_chunks.applies(din, dout, C, 4096, cuda)
+    monkeypatch.setenv("NLC_FUSED", "interpret")
+    monkeypatch.setenv("NLC_DELTA_CHUNKS", "0")
+    assert not delta_chunks.applies(128, 128, 64, 4096, cuda)
+
+
+def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
+    from nlc.diagnostics import SettingError
+
+    for bad in ("block=48", "bwd_warps=3", "rows=32"):
+        monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", bad)
+        with pytest.raises(SettingError, match="NLC_DELTA_CHUNKS_TUNE"):
+            delta_chunks._tune()
+    monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", "block=16,bwd_warps=4")
+    assert delta_chunks._tune() == {"block": 16, "warps": 4, "bwd_block": 32, "bwd_warps": 4}
