@@ -55,9 +55,9 @@ at most 16 tokens, and larger: ``benchmarks/fused_diag.py`` sweeps them), which
 (it needs ``TRITON_INTERPRET=1`` set before Triton is imported; tests only).
 
 More kernels live here for other memories: ``accumulate`` (the wide MLP op's state updates,
-``nlc.runtime.wide_chunks``), ``delta`` (a linear memory's delta-rule recurrence) and
-``triangular`` (its chunks' unit-lower inverses; both ``nlc.runtime.linear_chunks``); the same
-two switches apply to them.
+``nlc.runtime.wide_chunks``), ``delta`` (a linear memory's delta-rule recurrence),
+``delta_chunks`` (each chunk's own part of it) and ``triangular`` (the chunks' unit-lower
+inverses; all three ``nlc.runtime.linear_chunks``); the same two switches apply to them.
 """
 
 from __future__ import annotations
