@@ -131,7 +131,7 @@ def test_chunks_kernels_decline(monkeypatch):
     cuda = torch.device("cuda")
     assert delta_chunks.applies(128, 128, 64, 4096, cuda) == fused.available()
     assert not delta_chunks.applies(128, 128, 64, 4096, torch.device("cpu"))
-    for din, dout, C in [(24, 128, 64), (128, 128, 8), (128, 128, 256), (128, 12, 64)]:
+    for din, dout, C in [(24, 128, 64), (128, 128, 8), (128, 128, 256), (128, 12, 64), (128, 2048, 64)]:
         assert not delta_chunks.applies(din, dout, C, 4096, cuda)
     monkeypatch.setenv("NLC_FUSED", "interpret")
     monkeypatch.setenv("NLC_DELTA_CHUNKS", "0")

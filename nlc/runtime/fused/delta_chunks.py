@@ -70,7 +70,8 @@ def _tune() -> dict:
 def applies(din: int, dout: int, C: int, N: int, device) -> bool:
     """Whether the kernels take a chunk of this shape: Triton present, a CUDA device (or
     ``NLC_FUSED=interpret``), ``NLC_DELTA_CHUNKS`` not ``0``; ``din``, ``dout`` and ``C`` powers of
-    two from 16 (``C`` at most 128); ``N`` chunks in all, int32 offsets within the tensors."""
+    two from 16 (``C`` at most 128, ``din`` and ``dout`` at most 1,024: the kernels' loops over
+    blocks of columns are unrolled); ``N`` chunks in all, int32 offsets within the tensors."""
     mode = os.environ.get("NLC_FUSED", "1")
     if triton is None or mode == "0" or os.environ.get("NLC_DELTA_CHUNKS", "1") == "0":
         return False
@@ -80,7 +81,7 @@ def applies(din: int, dout: int, C: int, N: int, device) -> bool:
     def pow2(x: int, hi: int) -> bool:
         return 16 <= x <= hi and x & (x - 1) == 0
 
-    return pow2(din, 1 << 14) and pow2(dout, 1 << 14) and pow2(C, 128) and N * C * max(din, dout, C + 1) < 2**31
+    return pow2(din, 1024) and pow2(dout, 1024) and pow2(C, 128) and N * C * max(din, dout, C + 1) < 2**31
 
 
 def _precisions(device_type: str) -> tuple[str, str]:
