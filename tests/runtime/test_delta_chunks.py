@@ -147,3 +147,42 @@ def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
             delta_chunks._tune()
     monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", "block=16,bwd_warps=4")
     assert delta_chunks._tune() == {"block": 16, "warps": 4, "bwd_block": 32, "bwd_warps": 4}
+
+
+@pytest.mark.parametrize("read", [True, False])
+@pytest.mark.parametrize("decays", [True, False])
+def test_chunks_op_passes_opcheck(device, read, decays):
+    """``torch.library.opcheck`` on ``nlc::delta_chunks``: its schema, fake tensors (the shapes and
+    strides compiled callers plan with), autograd registration and AOT dispatch, with and without
+    the read, with decays that need a gradient or not."""
+    a, u, h, eta, dx = (t if t is None else t.float().to(device) for t in _inputs((3,), 16, 32, 16, read, 7))
+    for t in (a, u, h, eta):
+        if t is not None:
+            t.requires_grad_()
+    dx.requires_grad_(decays)
+    args = (a, u, h if read else a.new_empty(0), eta, dx, read, "ieee", "ieee")
+    torch.library.opcheck(delta_chunks.delta_chunks, args)
+    with torch.no_grad():  # the backward op on its own (no autograd of its own)
+        p, wf, qe, z, t = delta_chunks.delta_chunks(*args)
+        grads = [torch.randn_like(x) if x.numel() else x for x in (p, wf, qe, z)]
+        inputs = [x.detach() for x in args[:5]]
+        args = (*inputs, t, p, wf, *grads, read, decays, "ieee", "ieee")
+    torch.library.opcheck(delta_chunks.delta_chunks_backward, args)
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_recurrence_op_passes_opcheck(device, read):
+    """``torch.library.opcheck`` on ``nlc::delta_recurrence`` (``fused.delta``), with and without
+    the read."""
+    from nlc.runtime.fused import delta
+
+    g = torch.Generator().manual_seed(3)
+    N, n, C, DI, DO = 2, 3, 16, 16, 32
+
+    def r(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
+
+    qe = r(N, n, C, DI) if read else torch.empty(0, device=device)
+    args = (r(N, DO, DI), r(N, n), r(N, n, C, DI, scale=0.02), r(N, n, C, DO), r(N, n, C), r(N, n, C, DO),
+            r(N, n, C, DI), qe, read, "ieee")  # fmt: skip
+    torch.library.opcheck(delta.delta_recurrence, args)
