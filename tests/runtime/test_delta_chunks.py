@@ -186,3 +186,39 @@ def test_recurrence_op_passes_opcheck(device, read):
     args = (r(N, DO, DI), r(N, n), r(N, n, C, DI, scale=0.02), r(N, n, C, DO), r(N, n, C), r(N, n, C, DO),
             r(N, n, C, DI), qe, read, "ieee")  # fmt: skip
     torch.library.opcheck(delta.delta_recurrence, args)
+
+
+def test_sequence_without_queries_through_the_kernels(device, monkeypatch):
+    """A memory that is only written (no queries) takes both kernels in ``linear_chunks`` and
+    matches ``linear_chunks``' own float64 computation (itself checked against the per-token
+    reference in ``test_delta_kernel.py``): the end state and the gradients of W_0, the keys, the
+    targets, the rates and the decays."""
+    from nlc.runtime import linear_chunks
+    from nlc.runtime.chunk import RuleSpec
+    from nlc.runtime.memories import MemorySpec
+
+    spec, rule = MemorySpec("linear", 16, 32), RuleSpec("dgd")
+    g = torch.Generator().manual_seed(5)
+    B, H, T, C = 2, 2, 48, 16
+    leaves = [
+        torch.randn(H, 32, 16, generator=g, dtype=F64) * 0.2,  # W0, shared over the batch
+        torch.nn.functional.normalize(torch.randn(B, H, T, 16, generator=g, dtype=F64), dim=-1),
+        torch.randn(B, H, T, 32, generator=g, dtype=F64),
+        torch.rand(B, H, T, generator=g, dtype=F64),
+        0.8 + 0.2 * torch.rand(B, H, T, generator=g, dtype=F64),
+    ]
+    calls = []
+    real = delta_chunks.run
+    monkeypatch.setattr(delta_chunks, "run", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
+    probe = torch.randn(B, H, 32, 16, generator=g, dtype=F64)
+    results = []
+    for dev, dt in ((device, torch.float32), ("cpu", F64)):
+        W0, k, tgt, eta, alpha = (t.to(dev, dt).requires_grad_() for t in leaves)
+        y, W = linear_chunks.sequence(spec, rule, W0, k, tgt, None, eta, alpha, C, "causal")
+        assert y is None
+        grads = torch.autograd.grad((W.double().cpu() * probe).sum(), [W0, k, tgt, eta, alpha])
+        results.append([W.detach().double().cpu(), *(d.double().cpu() for d in grads)])
+    assert len(calls) == 1, "the float32 computation did not take the chunk kernels"
+    for name, a, b in zip(["W", "W0", "k", "target", "eta", "alpha"], *results):
+        _close(a, b, name, tol=1e-4)
