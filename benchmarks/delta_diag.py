@@ -16,8 +16,9 @@ autocast with TF32 on, compiled with ``fullgraph=True`` (every chunk at once:
 - ``linear_old``, ``linear_cg_old``: ``linear``, ``linear_cg`` with ``linear_chunks``' own
   recurrence instead of the delta kernels (``NLC_DELTA_KERNEL=0``; ``nlc.runtime.fused.delta``);
   ``..._solve``: with cuBLAS's triangular solve for the chunks' inverses instead of
-  ``nlc.runtime.fused.triangular`` (``NLC_LINEAR_INVERSE=solve``); ``..._split``: each chunk's own
-  part in batched products instead of ``nlc.runtime.fused.delta_chunks`` (``NLC_DELTA_CHUNKS=0``).
+  ``nlc.runtime.fused.triangular`` (``NLC_LINEAR_INVERSE=solve``, which takes the batched products
+  too); ``..._split``: each chunk's own part in batched products instead of
+  ``nlc.runtime.fused.delta_chunks`` (``NLC_DELTA_CHUNKS=0``).
 
 Every mode is timed with CUDA events (median of ``--steps``) in one process; ``--profile`` prints
 (and writes to ``$OUT``) the GPU kernels of one step of each nlc mode. Results go to

@@ -41,7 +41,7 @@ chunk map. The delta-rule op at B 8, T 2048, H 16, D 128, period 64 ran 5.11 ms 
 7.09 ms with ``_StateRecurrence`` (H200, ``benchmarks/RESULTS.md``).
 
 Where ``fused.delta_chunks`` applies too (``in``, ``out`` and ``C`` powers of two from 16, ``C``
-at most 128), each chunk's own part (``K``, its inverse, ``P``, ``w_free`` and the read's
+at most 128, ``in`` and ``out`` at most 1,024), each chunk's own part (``K``, its inverse, ``P``, ``w_free`` and the read's
 ``Qeff``, ``z_free``) runs as one Triton program a chunk each way instead of ``_Coeffs``' matrices
 and the batched products (:func:`_fused_sequence`; 4.83 ms against 5.20 at the shape above, same
 run; ``NLC_DELTA_CHUNKS=0`` keeps the batched products).
@@ -335,7 +335,10 @@ def _batch_size(W0: Tensor, a: Tensor) -> int:
 
 def _fused_applies(din: int, dout: int, C: int, n: int, N: int, device) -> bool:
     """Both kernels take this memory: the recurrence (``fused.delta``) and each chunk's own part
-    (``fused.delta_chunks``)."""
+    (``fused.delta_chunks``). ``NLC_LINEAR_INVERSE=solve`` asks for the batched products with
+    cuBLAS's solve instead (for comparisons)."""
+    if os.environ.get("NLC_LINEAR_INVERSE", "kernel") == "solve":
+        return False
     return _delta.applies(din, dout, C, n, N, device) and _chunks.applies(din, dout, C, N * n, device)
 
 

@@ -44,7 +44,7 @@ def device(request, monkeypatch):
     return request.param
 
 
-def _inputs(batch, C, D, E, read, seed, shared_decays=False):
+def _inputs(batch, C, D, E, read, seed, shared_decays=False, zeros=False):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(*batch, C, D, generator=g, dtype=F64) * D**-0.5
     u = torch.randn(*batch, C, E, generator=g, dtype=F64)
@@ -52,6 +52,9 @@ def _inputs(batch, C, D, E, read, seed, shared_decays=False):
     eta = 0.2 + 0.8 * torch.rand(*batch, C, generator=g, dtype=F64)
     lead = batch[1:] if shared_decays else batch  # decays broadcast over the first dimension
     alpha = 0.6 + 0.4 * torch.rand(*lead, C, generator=g, dtype=F64)
+    if zeros:  # some rates and decays exactly zero (a decay of 0 forgets everything before it)
+        eta[..., 1::5] = 0.0
+        alpha[..., 3::7] = 0.0
     dx = decay_matrix(alpha, C, dtype=F64)
     return [a, u, h, eta, dx]
 
@@ -86,13 +89,19 @@ def _check(got, want, read, tol=2e-5):
 
 
 @pytest.mark.parametrize("read", [True, False])
-@pytest.mark.parametrize("C,D,E,block", [(16, 16, 16, 64), (16, 32, 16, 16), (32, 16, 64, 16), (64, 32, 32, 64)])
-def test_chunks_op_matches_reference(device, monkeypatch, read, C, D, E, block):
+@pytest.mark.parametrize(
+    "C,D,E,block,zeros",
+    [(16, 16, 16, 64, False), (16, 32, 16, 16, False), (32, 16, 64, 16, False),
+     (64, 32, 32, 64, False), (128, 16, 32, 32, False), (32, 32, 16, 32, True)],
+)  # fmt: skip
+def test_chunks_op_matches_reference(device, monkeypatch, read, C, D, E, block, zeros):
     """Values ``P, wf, qe, z`` and the gradients of the keys, values, queries, rates and the
     decay matrix (broadcast over the batch's first dimension), float32 kernels against float64
-    torch; ``block`` 16 takes the kernels' loops over several blocks of columns."""
+    torch; ``block`` 16 takes the kernels' loops over several blocks of columns, ``C`` 128 the
+    inverse's eight diagonal blocks, ``zeros`` rates and decays that are exactly zero."""
     monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", f"block={block},bwd_block={block}")
-    leaves = _inputs((2, 3), C, D, E, read, seed_of("chunks", read, C, D, E), shared_decays=True)
+    leaves = _inputs((2, 3), C, D, E, read, seed_of("chunks", read, C, D, E, zeros), shared_decays=True,
+                     zeros=zeros)  # fmt: skip
     got = _outputs_and_grads(delta_chunks.run, leaves, device, torch.float32)
     want = _outputs_and_grads(delta_chunks.reference, leaves, "cpu", F64)
     _check(got, want, read)
@@ -222,3 +231,17 @@ def test_sequence_without_queries_through_the_kernels(device, monkeypatch):
     assert len(calls) == 1, "the float32 computation did not take the chunk kernels"
     for name, a, b in zip(["W", "W0", "k", "target", "eta", "alpha"], *results):
         _close(a, b, name, tol=1e-4)
+
+
+def test_the_solve_switch_takes_the_batched_products(monkeypatch):
+    """``NLC_LINEAR_INVERSE=solve`` means cuBLAS's solve, which only the batched products use: it
+    turns the chunk kernels off in ``linear_chunks``."""
+    from nlc.runtime import linear_chunks
+
+    monkeypatch.setenv("NLC_FUSED", "interpret")
+    monkeypatch.setattr(delta_chunks, "triton", object())  # as if Triton were present
+    monkeypatch.setattr(linear_chunks._delta, "triton", object())
+    cuda = torch.device("cuda")
+    assert linear_chunks._fused_applies(128, 128, 64, 32, 128, cuda)
+    monkeypatch.setenv("NLC_LINEAR_INVERSE", "solve")
+    assert not linear_chunks._fused_applies(128, 128, 64, 32, 128, cuda)

@@ -147,7 +147,7 @@ if triton is not None:
         eta = tl.load(ETA + m * C + rc)
         aa, ha = _grams(A + m * C * D, H + m * C * D, C, D, BD, True, READ, PREC)
         tl.store(KS + m * C * C + cc, eta[:, None] * decp * aa)
-        hA = dec * ha
+        hA = tl.where(rc[:, None] >= rc[None, :], dec * ha, 0.0)  # A's lower triangle only
         tl.debug_barrier()
         invert(KS + m * C * C, T + m * C * C, C, 16)
         t = tl.load(T + m * C * C + cc)
@@ -183,7 +183,7 @@ if triton is not None:
         t = tl.load(T + m * C * C + cc)
         dec, _, _, _ = _decays(DX, m, C)
         _, ha = _grams(A + m * C * D, H + m * C * D, C, D, BD, False, READ, PREC)
-        hA = dec * ha
+        hA = tl.where(rc[:, None] >= rc[None, :], dec * ha, 0.0)
         dhA = tl.zeros([C, C], tl.float32)
         dK = tl.zeros([C, C], tl.float32)
         deta = tl.zeros([C], tl.float32)
@@ -230,7 +230,7 @@ if triton is not None:
             tl.store(lo, tl.load(lo) + tl.where(rc[:, None] >= rc[None, :], dhA * ha, 0.0))
         dS = dK * eta[:, None] * decp
         dS = dS + tl.trans(dS)
-        dha = dhA * dec
+        dha = tl.where(rc[:, None] >= rc[None, :], dhA * dec, 0.0)
         # 4. the columns of in again: da, dh and the gradient of eta * gam_prev
         dcb = tl.zeros([C], tl.float32)
         dgam = tl.zeros([C], tl.float32)
@@ -264,8 +264,6 @@ def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-
-
 @torch.library.custom_op("nlc::delta_chunks", mutates_args=())
 def delta_chunks(
     a: Tensor, u: Tensor, h: Tensor, eta: Tensor, dx: Tensor, read: bool, prec: str, tprec: str,
@@ -273,7 +271,9 @@ def delta_chunks(
     """The module's forward for ``M`` chunks: a, h ``[M, C, in]``, u ``[M, C, out]``, eta
     ``[M, C]``, dx ``[M, C+1, C+1]``, all float32 and contiguous (``read`` off: ``h`` is ignored).
     Returns ``(P [M, C, in], wf [M, C, out], qe [M, C, in], z [M, C, out], T [M, C, C])``; ``qe``
-    and ``z`` are empty ``[0]`` tensors without the read; ``T`` is for the backward."""
+    and ``z`` are empty ``[0]`` tensors without the read; ``T`` is for the backward. Only the
+    lower triangle of ``A`` (``dx[1:, 1:]``) and the strict one of ``A_prev`` are read."""
+    a, u, h, eta, dx = (x.contiguous() for x in (a, u, h, eta, dx))
     M, C, D = a.shape
     E = u.shape[-1]
     tune = _tune()
@@ -308,6 +308,9 @@ def delta_chunks_backward(
     """Gradients ``(a, u, h, eta, dx)`` of :func:`delta_chunks` from those of ``P, wf`` and (with
     the read) ``qe, z``; ``dh`` is an empty ``[0]`` tensor without the read, ``ddx`` without
     ``decays`` (the decay matrix needs no gradient)."""
+    a, u, h, eta, dx, t, p, wf, dp, dwf, dqe, dz = (
+        x.contiguous() for x in (a, u, h, eta, dx, t, p, wf, dp, dwf, dqe, dz)
+    )
     M, C, D = a.shape
     E = u.shape[-1]
     tune = _tune()
