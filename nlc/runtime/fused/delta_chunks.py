@@ -147,7 +147,7 @@ if triton is not None:
         eta = tl.load(ETA + m * C + rc)
         aa, ha = _grams(A + m * C * D, H + m * C * D, C, D, BD, True, READ, PREC)
         tl.store(KS + m * C * C + cc, eta[:, None] * decp * aa)
-        hA = tl.where(rc[:, None] >= rc[None, :], dec * ha, 0.0)  # A's lower triangle only
+        hA = dec * ha
         tl.debug_barrier()
         invert(KS + m * C * C, T + m * C * C, C, 16)
         t = tl.load(T + m * C * C + cc)
@@ -183,7 +183,7 @@ if triton is not None:
         t = tl.load(T + m * C * C + cc)
         dec, _, _, _ = _decays(DX, m, C)
         _, ha = _grams(A + m * C * D, H + m * C * D, C, D, BD, False, READ, PREC)
-        hA = tl.where(rc[:, None] >= rc[None, :], dec * ha, 0.0)
+        hA = dec * ha
         dhA = tl.zeros([C, C], tl.float32)
         dK = tl.zeros([C, C], tl.float32)
         deta = tl.zeros([C], tl.float32)
@@ -230,7 +230,7 @@ if triton is not None:
             tl.store(lo, tl.load(lo) + tl.where(rc[:, None] >= rc[None, :], dhA * ha, 0.0))
         dS = dK * eta[:, None] * decp
         dS = dS + tl.trans(dS)
-        dha = tl.where(rc[:, None] >= rc[None, :], dhA * dec, 0.0)
+        dha = dhA * dec
         # 4. the columns of in again: da, dh and the gradient of eta * gam_prev
         dcb = tl.zeros([C], tl.float32)
         dgam = tl.zeros([C], tl.float32)
@@ -271,8 +271,9 @@ def delta_chunks(
     """The module's forward for ``M`` chunks: a, h ``[M, C, in]``, u ``[M, C, out]``, eta
     ``[M, C]``, dx ``[M, C+1, C+1]``, all float32 and contiguous (``read`` off: ``h`` is ignored).
     Returns ``(P [M, C, in], wf [M, C, out], qe [M, C, in], z [M, C, out], T [M, C, C])``; ``qe``
-    and ``z`` are empty ``[0]`` tensors without the read; ``T`` is for the backward. Only the
-    lower triangle of ``A`` (``dx[1:, 1:]``) and the strict one of ``A_prev`` are read."""
+    and ``z`` are empty ``[0]`` tensors without the read; ``T`` is for the backward. ``dx`` must be
+    zero above its diagonal, as ``chunk.decay_matrix``'s is: the kernels read it whole (masking it
+    cost the backward 10% more register spills), and its gradient is zero there."""
     a, u, h, eta, dx = (x.contiguous() for x in (a, u, h, eta, dx))
     M, C, D = a.shape
     E = u.shape[-1]
@@ -367,7 +368,8 @@ def run(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor
         ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """:func:`delta_chunks` on the caller's tensors: keys ``a`` ``[..., C, in]``, values ``u``
     ``[..., C, out]``, queries ``h`` ``[..., C, in]`` or None (no causal read), rates ``eta``
-    ``[..., C]`` and decay matrices ``dx`` ``[..., C+1, C+1]``, batch shapes that broadcast, any
+    ``[..., C]`` and decay matrices ``dx`` ``[..., C+1, C+1]`` (zero above the diagonal, as
+    ``chunk.decay_matrix`` makes them), batch shapes that broadcast, any
     float dtype (computed in float32). Returns ``(P, wf, qe, z)`` (the last two None without
     ``h``) in float32, shaped ``[..., C, x]``."""
     C, D = a.shape[-2:]
