@@ -41,10 +41,11 @@ chunk map. The delta-rule op at B 8, T 2048, H 16, D 128, period 64 ran 5.11 ms 
 7.09 ms with ``_StateRecurrence`` (H200, ``benchmarks/RESULTS.md``).
 
 Where ``fused.delta_chunks`` applies too (``in``, ``out`` and ``C`` powers of two from 16, ``C``
-at most 128, ``in`` and ``out`` at most 1,024), each chunk's own part (``K``, its inverse, ``P``, ``w_free`` and the read's
-``Qeff``, ``z_free``) runs as one Triton program a chunk each way instead of ``_Coeffs``' matrices
-and the batched products (:func:`_fused_sequence`; 4.83 ms against 5.20 at the shape above, same
-run; ``NLC_DELTA_CHUNKS=0`` keeps the batched products).
+at most 128, ``in`` and ``out`` at most 1,024), each chunk's own part (``K``, its inverse, ``P``,
+``w_free`` and the read's ``Qeff``, ``z_free``) runs as one Triton program a chunk each way
+instead of ``_Coeffs``' matrices and the batched products (:func:`_fused_sequence`; 4.83 ms
+against 5.20 at the shape above, same run; ``NLC_DELTA_CHUNKS=0``, or ``NLC_LINEAR_INVERSE=solve``,
+keeps the batched products).
 
 The products ``a a^T`` and ``q a^T`` go through ``_mm_nt``, whose backward gives both gradients in
 their operands' own row-major layout (autograd's ``(x^T g)^T`` made compiled code sum the keys'
