@@ -19,29 +19,14 @@ from nlc.runtime import fused
 from nlc.runtime.chunk import decay_matrix
 from nlc.runtime.fused import delta_chunks
 
+from . import test_delta_kernel as _kernel_tests
 from .test_chunk import seed_of
+
+device = _kernel_tests.device  # the same fixture: CUDA, or Triton's interpreter on the CPU
+_close = _kernel_tests._close
 
 F64 = torch.float64
 NAMES = ["a", "u", "h", "eta", "decays"]
-
-
-def _devices():
-    out = []
-    if torch.cuda.is_available() and fused.available():
-        out.append("cuda")
-    if fused.available() and type(delta_chunks._fwd_kernel).__name__ == "InterpretedFunction":
-        out.append("cpu")
-    return out or ["none"]
-
-
-@pytest.fixture(params=_devices())
-def device(request, monkeypatch):
-    if request.param == "none":
-        pytest.skip("needs Triton on CUDA, or its interpreter (TRITON_INTERPRET=1)")
-    if request.param == "cpu":
-        monkeypatch.setenv("NLC_FUSED", "interpret")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    return request.param
 
 
 def _inputs(batch, C, D, E, read, seed, shared_decays=False, zeros=False):
@@ -72,11 +57,6 @@ def _outputs_and_grads(fn, leaves, device, dtype, used=(0, 1, 2, 3)):
     grads = [torch.zeros_like(t) if d is None else d for t, d in zip(live, grads)]
     outs = [o.detach().double().cpu() for o in outs if o is not None]
     return outs, [d.double().cpu() for d in grads]
-
-
-def _close(a, b, what, tol=2e-5):
-    scale = 1.0 + b.abs().max().item()
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
 def _check(got, want, read, tol=2e-5):
@@ -239,8 +219,7 @@ def test_the_solve_switch_takes_the_batched_products(monkeypatch):
     from nlc.runtime import linear_chunks
 
     monkeypatch.setenv("NLC_FUSED", "interpret")
-    monkeypatch.setattr(delta_chunks, "triton", object())  # as if Triton were present
-    monkeypatch.setattr(linear_chunks._delta, "triton", object())
+    monkeypatch.setattr(linear_chunks._delta, "triton", object())  # as if Triton were present
     cuda = torch.device("cuda")
     assert linear_chunks._fused_applies(128, 128, 64, 32, 128, cuda)
     monkeypatch.setenv("NLC_LINEAR_INVERSE", "solve")

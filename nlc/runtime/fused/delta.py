@@ -91,16 +91,23 @@ def applies(din: int, dout: int, C: int, n: int, N: int, device) -> bool:
     """Whether the kernels take this recurrence: Triton present, a CUDA device (or
     ``NLC_FUSED=interpret``), ``NLC_DELTA_KERNEL`` not ``0``; ``din``, ``dout`` and ``C`` powers of
     two from 16 (``din`` at most 256, ``C`` at most 128); int32 offsets."""
-    mode = os.environ.get("NLC_FUSED", "1")
-    if triton is None or mode == "0" or os.environ.get("NLC_DELTA_KERNEL", "1") == "0":
+    if not switched_on("NLC_DELTA_KERNEL", device):
         return False
-    if not (torch.device(device).type == "cuda" or mode == "interpret"):
-        return False
-
-    def pow2(x: int, hi: int) -> bool:
-        return 16 <= x <= hi and x & (x - 1) == 0
-
     return pow2(din, 256) and pow2(dout, 1 << 14) and pow2(C, 128) and N * n * max(din, dout) * max(C, dout) < 2**31
+
+
+def switched_on(switch: str, device) -> bool:
+    """Triton present, a CUDA device (or ``NLC_FUSED=interpret``), and neither ``NLC_FUSED`` nor
+    the kernel's own ``switch`` set to ``0``."""
+    mode = os.environ.get("NLC_FUSED", "1")
+    if triton is None or mode == "0" or os.environ.get(switch, "1") == "0":
+        return False
+    return torch.device(device).type == "cuda" or mode == "interpret"
+
+
+def pow2(x: int, hi: int) -> bool:
+    """``x`` a power of two from 16 to ``hi``."""
+    return 16 <= x <= hi and x & (x - 1) == 0
 
 
 def _device(t: Tensor):

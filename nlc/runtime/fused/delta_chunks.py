@@ -44,14 +44,11 @@ bf16, not less). Inputs and outputs are float32.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 from torch import Tensor
 
 from ._triton import tl, triton
-from .delta import tune_from_env
+from .delta import _device, pow2, switched_on, tune_from_env
 from .mlp2 import precision
 
 __all__ = ["applies", "delta_chunks", "reference", "run"]
@@ -72,15 +69,8 @@ def applies(din: int, dout: int, C: int, N: int, device) -> bool:
     ``NLC_FUSED=interpret``), ``NLC_DELTA_CHUNKS`` not ``0``; ``din``, ``dout`` and ``C`` powers of
     two from 16 (``C`` at most 128, ``din`` and ``dout`` at most 1,024: the kernels' loops over
     blocks of columns are unrolled); ``N`` chunks in all, int32 offsets within the tensors."""
-    mode = os.environ.get("NLC_FUSED", "1")
-    if triton is None or mode == "0" or os.environ.get("NLC_DELTA_CHUNKS", "1") == "0":
+    if not switched_on("NLC_DELTA_CHUNKS", device):
         return False
-    if not (torch.device(device).type == "cuda" or mode == "interpret"):
-        return False
-
-    def pow2(x: int, hi: int) -> bool:
-        return 16 <= x <= hi and x & (x - 1) == 0
-
     return pow2(din, 1024) and pow2(dout, 1024) and pow2(C, 128) and N * C * max(din, dout, C + 1) < 2**31
 
 
@@ -258,10 +248,6 @@ if triton is not None:
             tl.debug_barrier()
             col = dx + (rc + 1) * X1
             tl.store(col, tl.load(col) + dgam)
-
-
-def _device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("nlc::delta_chunks", mutates_args=())
