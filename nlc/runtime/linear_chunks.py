@@ -41,11 +41,13 @@ chunk map. The delta-rule op at B 8, T 2048, H 16, D 128, period 64 ran 5.11 ms 
 7.09 ms with ``_StateRecurrence`` (H200, ``benchmarks/RESULTS.md``).
 
 Where ``fused.delta_chunks`` applies too (``in``, ``out`` and ``C`` powers of two from 16, ``C``
-at most 128, ``in`` and ``out`` at most 1,024), each chunk's own part (``K``, its inverse, ``P``,
-``w_free`` and the read's ``Qeff``, ``z_free``) runs as one Triton program a chunk each way
+at most 64, ``in`` and ``out`` at most 1,024), each chunk's own part (``K``, its inverse, ``P``,
+``w_free - v`` and the read's ``Qeff``, ``z_free``) runs as one Triton program a chunk each way
 instead of ``_Coeffs``' matrices and the batched products (:func:`_fused_sequence`; 4.83 ms
 against 5.20 at the shape above, same run; ``NLC_DELTA_CHUNKS=0``, or ``NLC_LINEAR_INVERSE=solve``,
-keeps the batched products).
+keeps the batched products). There ``F``'s term folds into the chunk's write, the read's
+state-free part is added inside the recurrence kernel, and a memory without decay builds no
+decay matrix (3.73 ms a step at the shape above, H200).
 
 The products ``a a^T`` and ``q a^T`` go through ``_mm_nt``, whose backward gives both gradients in
 their operands' own row-major layout (autograd's ``(x^T g)^T`` made compiled code sum the keys'
@@ -345,24 +347,28 @@ def _fused_applies(din: int, dout: int, C: int, n: int, N: int, device) -> bool:
 
 def _fused_sequence(a, u, eta, alpha, W0, q, n: int, C: int, read: str):
     """The dgd chunks in two kernels each way: every chunk's own part at once
-    (``fused.delta_chunks``: ``P, w_free`` and the read's ``Qeff, z_free`` from the keys, values,
-    queries, rates and the chunk's decay matrix, without ``_Coeffs``' matrices or the batched
-    products), then the recurrence and the read of the state (``fused.delta``)."""
+    (``fused.delta_chunks``: ``P``, ``s = w_free - v`` and the read's ``Qeff, z_free`` from the
+    keys, values, queries, rates and the chunk's decay matrix, without ``_Coeffs``' matrices or the
+    batched products), then the recurrence and the read of the state (``fused.delta``). The
+    chunk's write ``A_end * (r - v)`` (``F``'s term ``-A_end eta u`` folded in) is
+    ``A_end * (P W^T + s)``: the recurrence takes ``s`` for ``w_free`` and no ``Fu``. Without decay
+    the decay matrix is neither built nor read (the kernels use its constant form)."""
     from .chunk import decay_matrix
 
-    dx = decay_matrix(alpha, C, dtype=a.dtype, device=a.device)  # [..., n, C+1, C+1]
-    dx = torch.broadcast_to(dx, (*torch.broadcast_shapes(dx.shape[:-2], eta.shape[:-1]), C + 1, C + 1))
     h = q.unflatten(-2, (n, C)) if q is not None else None
-    P, w_free, qe, z = _chunks.run(a, u, h if read == "causal" else None, eta, dx)
+    if alpha is None:
+        dx = None
+        gam_end = torch.ones(n, dtype=a.dtype, device=a.device)
+        Ae = torch.ones(n, C, dtype=a.dtype, device=a.device)
+    else:
+        dx = decay_matrix(alpha, C, dtype=a.dtype, device=a.device)  # [..., n, C+1, C+1]
+        gam_end, Ae = dx[..., C, 0], dx[..., C, 1:]  # the decays to the chunk's end, and over it
+    P, s, qe, z = _chunks.run(a, u, h if read == "causal" else None, eta, dx)
     if read == "chunk":
         qe = h
-    Ae = dx[..., C, 1:]  # the decays from each token to the chunk's end, and over the chunk
-    Fu = -(Ae * eta)[..., None] * u
-    y, W = _delta.run(W0, dx[..., C, 0], P, w_free, Ae, Fu, a, qe)
+    y, W = _delta.run(W0, gam_end, P, s, Ae, None, a, qe, z)  # y: qe W^T + z
     if q is None:
         return None, W
-    if z is not None:
-        y = y + z
     return y.flatten(-3, -2), W
 
 

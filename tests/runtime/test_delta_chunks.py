@@ -29,7 +29,7 @@ F64 = torch.float64
 NAMES = ["a", "u", "h", "eta", "decays"]
 
 
-def _inputs(batch, C, D, E, read, seed, shared_decays=False, zeros=False):
+def _inputs(batch, C, D, E, read, seed, shared_decays=False, zeros=False, decay=True):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(*batch, C, D, generator=g, dtype=F64) * D**-0.5
     u = torch.randn(*batch, C, E, generator=g, dtype=F64)
@@ -40,7 +40,7 @@ def _inputs(batch, C, D, E, read, seed, shared_decays=False, zeros=False):
     if zeros:  # some rates and decays exactly zero (a decay of 0 forgets everything before it)
         eta[..., 1::5] = 0.0
         alpha[..., 3::7] = 0.0
-    dx = decay_matrix(alpha, C, dtype=F64)
+    dx = decay_matrix(alpha, C, dtype=F64) if decay else None  # None: the kernels' constant form
     return [a, u, h, eta, dx]
 
 
@@ -59,32 +59,38 @@ def _outputs_and_grads(fn, leaves, device, dtype, used=(0, 1, 2, 3)):
     return outs, [d.double().cpu() for d in grads]
 
 
-def _check(got, want, read, tol=2e-5):
-    names = ["P", "wf", "qe", "z"] if read else ["P", "wf"]
+def _check(got, want, read, tol=2e-5, decay=True):
+    names = ["P", "s", "qe", "z"] if read else ["P", "s"]
+    assert len(got[0]) == len(want[0]) == len(names)
     for name, x, y in zip(names, got[0], want[0]):
         _close(x, y, name, tol)
-    names = NAMES if read else [n for n in NAMES if n != "h"]
+    names = [n for n in NAMES if (read or n != "h") and (decay or n != "decays")]
+    assert len(got[1]) == len(want[1]) == len(names)
     for name, x, y in zip(names, got[1], want[1]):
         _close(x, y, f"grad of {name}", tol)
 
 
 @pytest.mark.parametrize("read", [True, False])
 @pytest.mark.parametrize(
-    "C,D,E,block,zeros",
-    [(16, 16, 16, 64, False), (16, 32, 16, 16, False), (32, 16, 64, 16, False),
-     (64, 32, 32, 64, False), (128, 16, 32, 32, False), (32, 32, 16, 32, True)],
+    "C,D,E,block,gates",
+    [(16, 16, 16, 64, "random"), (16, 32, 16, 16, "random"), (32, 16, 64, 16, "random"),
+     (64, 32, 32, 64, "random"), (64, 16, 32, 16, "random"), (32, 32, 16, 32, "zeros"),
+     (16, 32, 16, 16, "no decay"), (64, 32, 64, 32, "no decay")],
 )  # fmt: skip
-def test_chunks_op_matches_reference(device, monkeypatch, read, C, D, E, block, zeros):
-    """Values ``P, wf, qe, z`` and the gradients of the keys, values, queries, rates and the
+def test_chunks_op_matches_reference(device, monkeypatch, read, C, D, E, block, gates):
+    """Values ``P, s, qe, z`` and the gradients of the keys, values, queries, rates and the
     decay matrix (broadcast over the batch's first dimension), float32 kernels against float64
-    torch; ``block`` 16 takes the kernels' loops over several blocks of columns, ``C`` 128 the
-    inverse's eight diagonal blocks, ``zeros`` rates and decays that are exactly zero."""
+    torch; ``block`` 16 takes the kernels' loops over several blocks of columns, ``C`` 64 the
+    inverse's four diagonal blocks, ``zeros`` rates and decays that are exactly zero, ``no
+    decay`` no decay matrix at all (the kernels' constant form, against the reference's matrix of
+    ones)."""
     monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", f"block={block},bwd_block={block}")
-    leaves = _inputs((2, 3), C, D, E, read, seed_of("chunks", read, C, D, E, zeros), shared_decays=True,
-                     zeros=zeros)  # fmt: skip
+    decay = gates != "no decay"
+    leaves = _inputs((2, 3), C, D, E, read, seed_of("chunks", read, C, D, E, gates), shared_decays=True,
+                     zeros=gates == "zeros", decay=decay)  # fmt: skip
     got = _outputs_and_grads(delta_chunks.run, leaves, device, torch.float32)
     want = _outputs_and_grads(delta_chunks.reference, leaves, "cpu", F64)
-    _check(got, want, read)
+    _check(got, want, read, decay=decay)
 
 
 @pytest.mark.parametrize("used", [(0,), (1, 3), (2,)])
@@ -120,7 +126,7 @@ def test_chunks_kernels_decline(monkeypatch):
     cuda = torch.device("cuda")
     assert delta_chunks.applies(128, 128, 64, 4096, cuda) == fused.available()
     assert not delta_chunks.applies(128, 128, 64, 4096, torch.device("cpu"))
-    for din, dout, C in [(24, 128, 64), (128, 128, 8), (128, 128, 256), (128, 12, 64), (128, 2048, 64)]:
+    for din, dout, C in [(24, 128, 64), (128, 128, 8), (128, 128, 128), (128, 12, 64), (128, 2048, 64)]:
         assert not delta_chunks.applies(din, dout, C, 4096, cuda)
     monkeypatch.setenv("NLC_FUSED", "interpret")
     monkeypatch.setenv("NLC_DELTA_CHUNKS", "0")
@@ -130,39 +136,45 @@ def test_chunks_kernels_decline(monkeypatch):
 def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
     from nlc.diagnostics import SettingError
 
-    for bad in ("block=48", "bwd_warps=3", "rows=32"):
+    for bad in ("block=48", "bwd_warps=3", "rows=32", "unroll=3", "bwd_maxnreg=100"):
         monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", bad)
         with pytest.raises(SettingError, match="NLC_DELTA_CHUNKS_TUNE"):
             delta_chunks._tune()
     monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", "block=16,bwd_warps=4")
-    assert delta_chunks._tune() == {"block": 16, "warps": 4, "bwd_block": 32, "bwd_warps": 4}
+    assert delta_chunks._tune() == dict(delta_chunks.TUNE, block=16, bwd_warps=4)
 
 
-@pytest.mark.parametrize("read", [True, False])
-@pytest.mark.parametrize("decays", [True, False])
-def test_chunks_op_passes_opcheck(device, read, decays):
+@pytest.mark.parametrize("read,decays,low", [(True, True, False), (False, True, False), (True, False, False),
+                                              (False, False, False), (True, None, False), (False, None, False),
+                                              (True, None, True)])  # fmt: skip
+def test_chunks_op_passes_opcheck(device, read, decays, low):
     """``torch.library.opcheck`` on ``nlc::delta_chunks``: its schema, fake tensors (the shapes and
     strides compiled callers plan with), autograd registration and AOT dispatch, with and without
-    the read, with decays that need a gradient or not."""
+    the read, with decays that need a gradient or not, or none (an empty decay matrix), and with
+    ``P``, ``qe`` written in bf16 (``low``)."""
     a, u, h, eta, dx = (t if t is None else t.float().to(device) for t in _inputs((3,), 16, 32, 16, read, 7))
     for t in (a, u, h, eta):
         if t is not None:
             t.requires_grad_()
-    dx.requires_grad_(decays)
-    args = (a, u, h if read else a.new_empty(0), eta, dx, read, "ieee", "ieee")
+    if decays is None:
+        dx = a.new_empty(0)
+    else:
+        dx.requires_grad_(decays)
+    args = (a, u, h if read else a.new_empty(0), eta, dx, read, low, "ieee", "ieee")
     torch.library.opcheck(delta_chunks.delta_chunks, args)
     with torch.no_grad():  # the backward op on its own (no autograd of its own)
         p, wf, qe, z, t = delta_chunks.delta_chunks(*args)
-        grads = [torch.randn_like(x) if x.numel() else x for x in (p, wf, qe, z)]
+        grads = [torch.randn_like(x) if x.numel() else x for x in (p, wf, qe, z)]  # in each dtype
         inputs = [x.detach() for x in args[:5]]
-        args = (*inputs, t, p, wf, *grads, read, decays, "ieee", "ieee")
+        args = (*inputs, t, p, wf, *grads, read, bool(decays), "ieee", "ieee")
     torch.library.opcheck(delta_chunks.delta_chunks_backward, args)
 
 
+@pytest.mark.parametrize("fu", [True, False])
 @pytest.mark.parametrize("read", [True, False])
-def test_recurrence_op_passes_opcheck(device, read):
+def test_recurrence_op_passes_opcheck(device, read, fu):
     """``torch.library.opcheck`` on ``nlc::delta_recurrence`` (``fused.delta``), with and without
-    the read."""
+    the read, with and without its ``Fu`` term, and with the read's ``z`` added (without ``Fu``)."""
     from nlc.runtime.fused import delta
 
     g = torch.Generator().manual_seed(3)
@@ -172,8 +184,10 @@ def test_recurrence_op_passes_opcheck(device, read):
         return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
 
     qe = r(N, n, C, DI) if read else torch.empty(0, device=device)
-    args = (r(N, DO, DI), r(N, n), r(N, n, C, DI, scale=0.02), r(N, n, C, DO), r(N, n, C), r(N, n, C, DO),
-            r(N, n, C, DI), qe, read, "ieee")  # fmt: skip
+    Fu = r(N, n, C, DO) if fu else torch.empty(0, device=device)
+    z = r(N, n, C, DO) if read and not fu else torch.empty(0, device=device)  # added to the read
+    args = (r(N, DO, DI), r(N, n), r(N, n, C, DI, scale=0.02), r(N, n, C, DO), r(N, n, C), Fu,
+            r(N, n, C, DI), qe, z, read, "ieee")  # fmt: skip
     torch.library.opcheck(delta.delta_recurrence, args)
 
 

@@ -44,7 +44,7 @@ def device(request, monkeypatch):
     return request.param
 
 
-def _op_inputs(batch, n, C, DI, DO, read, seed):
+def _op_inputs(batch, n, C, DI, DO, read, seed, fu=True, z=False):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=1.0):
@@ -55,9 +55,11 @@ def _op_inputs(batch, n, C, DI, DO, read, seed):
     P = r(*batch, n, C, DI, scale=0.3 / C)
     wf = r(*batch, n, C, DO)
     Ae = torch.rand(*batch, n, C, generator=g, dtype=F64)
-    Fu = r(*batch, n, C, DO, scale=0.3)
+    Fu = r(*batch, n, C, DO, scale=0.3) if fu else None  # None: no such term
     a = r(*batch, n, C, DI, scale=DI**-0.5)
     qe = r(*batch, n, C, DI, scale=DI**-0.5) if read else None
+    if z and read:  # a state-free part added to the read
+        return [W0, gam, P, wf, Ae, Fu, a, qe, r(*batch, n, C, DO)]
     return [W0, gam, P, wf, Ae, Fu, a, qe]
 
 
@@ -79,17 +81,20 @@ def _close(a, b, what, tol=2e-5):
 
 
 @pytest.mark.parametrize("read", [True, False])
-@pytest.mark.parametrize("DI,DO", [(16, 16), (32, 16), (16, 128)])  # 128 rows: four blocks of 32
-def test_recurrence_op_matches_reference(device, read, DI, DO):
+@pytest.mark.parametrize("DI,DO,fu", [(16, 16, True), (32, 16, True), (16, 128, True), (32, 64, False)])
+def test_recurrence_op_matches_reference(device, read, DI, DO, fu):
     """Values (read and end state) and the gradients of W0 (broadcast over the batch), the decays,
-    P, wf, Ae, Fu, the keys and the read's queries, float32 kernels against float64 torch."""
-    leaves = _op_inputs((2, 3), 4, 16, DI, DO, read, seed_of("op", read, DI, DO))
+    P, wf, Ae, Fu (or, without that term, with a ``z`` added to the read), the keys and the read's
+    queries, float32 kernels against float64 torch; 128 rows take four blocks of 32."""
+    leaves = _op_inputs((2, 3), 4, 16, DI, DO, read, seed_of("op", read, DI, DO), fu=fu, z=not fu)
     got = _outputs_and_grads(delta.run, leaves, device, torch.float32)
     want = _outputs_and_grads(delta.reference, leaves, "cpu", F64)
     names = ["y", "W_n"] if read else ["W_n"]
     for name, a, b in zip(names, got[0], want[0]):
         _close(a, b, name)
-    names = ["W0", "gam", "P", "wf", "Ae", "Fu", "a", "qe"]
+    gone = {"Fu" if not fu else "z"} | (set() if read else {"qe", "z"})
+    names = [x for x in ["W0", "gam", "P", "wf", "Ae", "Fu", "a", "qe", "z"] if x not in gone]
+    assert len(got[1]) == len(names)
     for name, a, b in zip(names, got[1], want[1]):
         _close(a, b, f"grad of {name}")
 
