@@ -146,7 +146,7 @@ def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
 
 @pytest.mark.parametrize("read,decays,low", [(True, True, False), (False, True, False), (True, False, False),
                                               (False, False, False), (True, None, False), (False, None, False),
-                                              (True, None, True)])  # fmt: skip
+                                              (True, None, True), (False, True, True)])  # fmt: skip
 def test_chunks_op_passes_opcheck(device, read, decays, low):
     """``torch.library.opcheck`` on ``nlc::delta_chunks``: its schema, fake tensors (the shapes and
     strides compiled callers plan with), autograd registration and AOT dispatch, with and without
@@ -170,25 +170,38 @@ def test_chunks_op_passes_opcheck(device, read, decays, low):
     torch.library.opcheck(delta_chunks.delta_chunks_backward, args)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("fu", [True, False])
 @pytest.mark.parametrize("read", [True, False])
-def test_recurrence_op_passes_opcheck(device, read, fu):
-    """``torch.library.opcheck`` on ``nlc::delta_recurrence`` (``fused.delta``), with and without
-    the read, with and without its ``Fu`` term, and with the read's ``z`` added (without ``Fu``)."""
+def test_recurrence_op_passes_opcheck(device, read, fu, bf16):
+    """``torch.library.opcheck`` on ``nlc::delta_recurrence`` (``fused.delta``) and on its backward
+    op alone, with and without the read, with and without its ``Fu`` term, with the read's ``z``
+    added (without ``Fu``), in float32 or with bf16 operands ``P``, ``a``, ``qe`` (their gradients
+    come in bf16)."""
     from nlc.runtime.fused import delta
 
     g = torch.Generator().manual_seed(3)
     N, n, C, DI, DO = 2, 3, 16, 16, 32
+    od = torch.bfloat16 if bf16 else torch.float32
 
-    def r(*shape, scale=0.3):
-        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
+    def r(*shape, scale=0.3, dtype=torch.float32):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
 
-    qe = r(N, n, C, DI) if read else torch.empty(0, device=device)
+    qe = r(N, n, C, DI, dtype=od) if read else torch.empty(0, device=device, dtype=od)
     Fu = r(N, n, C, DO) if fu else torch.empty(0, device=device)
     z = r(N, n, C, DO) if read and not fu else torch.empty(0, device=device)  # added to the read
-    args = (r(N, DO, DI), r(N, n), r(N, n, C, DI, scale=0.02), r(N, n, C, DO), r(N, n, C), Fu,
-            r(N, n, C, DI), qe, z, read, "ieee")  # fmt: skip
+    args = (r(N, DO, DI), r(N, n), r(N, n, C, DI, scale=0.02, dtype=od), r(N, n, C, DO), r(N, n, C), Fu,
+            r(N, n, C, DI, dtype=od), qe, z, read, "bf16" if bf16 else "ieee")  # fmt: skip
     torch.library.opcheck(delta.delta_recurrence, args)
+    with torch.no_grad():  # the backward op on its own
+        _, wn, ws, rr = delta.delta_recurrence(*args)
+        dy = torch.randn_like(rr) if read else torch.empty(0, device=device)
+        bargs = (*(x.detach() for x in (args[1], args[2], args[4], args[5], args[6], args[7])), ws, rr, dy,
+                 torch.randn_like(wn), read, args[-1])  # fmt: skip
+        got = delta.delta_recurrence_backward(*bargs)
+    dP, da, dqe = got[2], got[6], got[7]  # in the operands' dtype
+    assert dP.dtype == da.dtype == od and (dqe.dtype == od or not read)
+    torch.library.opcheck(delta.delta_recurrence_backward, bargs)
 
 
 def test_sequence_without_queries_through_the_kernels(device, monkeypatch):

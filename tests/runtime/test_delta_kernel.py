@@ -81,18 +81,21 @@ def _close(a, b, what, tol=2e-5):
 
 
 @pytest.mark.parametrize("read", [True, False])
-@pytest.mark.parametrize("DI,DO,fu", [(16, 16, True), (32, 16, True), (16, 128, True), (32, 64, False)])
-def test_recurrence_op_matches_reference(device, read, DI, DO, fu):
+@pytest.mark.parametrize(
+    "DI,DO,fu,z", [(16, 16, True, False), (32, 16, True, False), (16, 128, True, False), (32, 64, False, True),
+                   (16, 32, True, True)],
+)  # fmt: skip
+def test_recurrence_op_matches_reference(device, read, DI, DO, fu, z):
     """Values (read and end state) and the gradients of W0 (broadcast over the batch), the decays,
-    P, wf, Ae, Fu (or, without that term, with a ``z`` added to the read), the keys and the read's
-    queries, float32 kernels against float64 torch; 128 rows take four blocks of 32."""
-    leaves = _op_inputs((2, 3), 4, 16, DI, DO, read, seed_of("op", read, DI, DO), fu=fu, z=not fu)
+    P, wf, Ae, Fu (or without that term), the keys, the read's queries and a ``z`` added to the
+    read (or none), float32 kernels against float64 torch; 128 rows take four blocks of 32."""
+    leaves = _op_inputs((2, 3), 4, 16, DI, DO, read, seed_of("op", read, DI, DO, z), fu=fu, z=z)
     got = _outputs_and_grads(delta.run, leaves, device, torch.float32)
     want = _outputs_and_grads(delta.reference, leaves, "cpu", F64)
     names = ["y", "W_n"] if read else ["W_n"]
     for name, a, b in zip(names, got[0], want[0]):
         _close(a, b, name)
-    gone = {"Fu" if not fu else "z"} | (set() if read else {"qe", "z"})
+    gone = ({"Fu"} if not fu else set()) | ({"z"} if not z else set()) | (set() if read else {"qe", "z"})
     names = [x for x in ["W0", "gam", "P", "wf", "Ae", "Fu", "a", "qe", "z"] if x not in gone]
     assert len(got[1]) == len(names)
     for name, a, b in zip(names, got[1], want[1]):

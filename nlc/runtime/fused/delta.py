@@ -250,8 +250,8 @@ def delta_recurrence_backward(
     """Gradients ``(W0, gam, P, wf, Ae, Fu, a, qe)`` of :func:`delta_recurrence` from those of its
     read ``dy`` (ignored without the read) and its end state ``dwn``; ``ws, r`` its saved outputs.
     The gradient of ``qe`` is an empty ``[0]`` tensor without the read, ``Fu``'s without ``Fu``.
-    Those of ``P``, ``a`` and ``qe`` come in their dtype (the products' operands), the rest in
-    float32."""
+    Those of ``P``, ``a`` and ``qe`` come in ``P``'s dtype, the products' operand dtype that the
+    three share (:func:`run` casts them to it), the rest in float32."""
     N, n, C, DI = P.shape
     DO = ws.shape[-2]
     t = _tune()
@@ -288,10 +288,11 @@ def _(gam, P, Ae, Fu, a, qe, ws, r, dy, dwn, read, prec):
     def new(t):  # float32 whatever the input's dtype
         return dwn.new_empty(t.shape)
 
-    # the gradients of the products' operands P, a, qe in their dtype (bf16 under bf16 autocast)
+    # the gradients of the products' operands P, a, qe in their (common) dtype: the start states',
+    # P's (bf16 under bf16 autocast)
     return (new(dwn), new(gam), P.new_empty(P.shape), new(r), new(Ae),
-            new(r) if Fu.dim() == 4 else dwn.new_empty(0), a.new_empty(a.shape),
-            qe.new_empty(qe.shape) if read else dwn.new_empty(0))  # fmt: skip
+            new(r) if Fu.dim() == 4 else dwn.new_empty(0), P.new_empty(a.shape),
+            P.new_empty(qe.shape) if read else dwn.new_empty(0))  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):

@@ -40,7 +40,9 @@ IEEE), as ``linear_chunks``' solve does. One exception, a Triton workaround (``_
 under bf16 autocast with TF32 on, the key and query products run TF32 too (more precise than
 bf16, not less). Inputs are float32, and so are the outputs but for ``P`` and ``qe`` under bf16
 autocast: those are ``fused.delta``'s product operands, written in bf16 as it takes them (their
-gradients come back in bf16; the backward's sums stay float32). Chunks of at most 64 tokens
+gradients come back in bf16; the backward's sums stay float32, but its products with ``P``,
+``gb P^T`` and ``dqe P^T``, then take the bf16-rounded ``P``: about 1e-3 relative on the
+gradients). Chunks of at most 64 tokens
 (:func:`applies`). The loops over blocks of columns are not unrolled (``TUNE``): unrolled, ptxas
 gave the forward 255 registers a thread without decay, against 180 (sm_90a).
 ``tests/runtime/test_delta_chunks.py`` checks both kernels against :func:`reference` in float64
