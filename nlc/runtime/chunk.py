@@ -849,5 +849,8 @@ def scan(
             huber_delta=huber_delta,
         )
         ys.append(y)
-    y_all = torch.cat(ys, dim=-2) if q is not None else None
-    return y_all, W, S
+    if q is None:
+        return None, W, S
+    # one part (all chunks full, or one chunk): itself, not a copy (compiled, a one-tensor cat
+    # copies it: the size of the read)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-2)), W, S
