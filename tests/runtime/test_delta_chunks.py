@@ -93,6 +93,17 @@ def test_chunks_op_matches_reference(device, monkeypatch, read, C, D, E, block, 
     _check(got, want, read, decay=decay)
 
 
+@pytest.mark.parametrize("decay", [True, False])
+def test_chunks_op_with_joint_grams(device, monkeypatch, decay):
+    """The forward's other form (``joint=1``: both grams in one loop over the keys, before the
+    inverse) against the reference too."""
+    monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", "joint=1,block=16")
+    leaves = _inputs((2,), 32, 32, 16, True, seed_of("chunks joint", decay), decay=decay)
+    got = _outputs_and_grads(delta_chunks.run, leaves, device, torch.float32)
+    want = _outputs_and_grads(delta_chunks.reference, leaves, "cpu", F64)
+    _check(got, want, True, decay=decay)
+
+
 @pytest.mark.parametrize("used", [(0,), (1, 3), (2,)])
 def test_chunks_op_with_outputs_unused(device, used):
     """Outputs left out of the loss come to the backward as None (not materialized); the inputs'
@@ -136,7 +147,7 @@ def test_chunks_kernels_decline(monkeypatch):
 def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
     from nlc.diagnostics import SettingError
 
-    for bad in ("block=48", "bwd_warps=3", "rows=32", "unroll=3", "bwd_maxnreg=100"):
+    for bad in ("block=48", "bwd_warps=3", "rows=32", "unroll=3", "bwd_maxnreg=100", "joint=2", "bwd_joint=1"):
         monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", bad)
         with pytest.raises(SettingError, match="NLC_DELTA_CHUNKS_TUNE"):
             delta_chunks._tune()

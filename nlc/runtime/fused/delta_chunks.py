@@ -65,12 +65,14 @@ __all__ = ["applies", "delta_chunks", "reference", "run"]
 # for the forward and the backward kernel: columns of in / out per block of the products, warps
 # per program (a program holds several [C, C] float32 matrices), the unroll factor of the loops
 # over blocks of columns (unrolled, they kept every block's loads live: 255 registers a thread),
-# and a cap on registers a thread (0: none; ptxas spills above it); NLC_DELTA_CHUNKS_TUNE
-# (key=N,...) overrides them, read at every call
-TUNE = {"block": 32, "warps": 4, "unroll": 1, "maxnreg": 0,
+# and a cap on registers a thread (0: none; ptxas spills above it); for the forward, ``joint``: the
+# grams a a^T and h a^T in one loop over the keys (1) or h a^T after the inverse (0; ptxas, sm_90a:
+# 180 registers a thread without decay against 168 joint, but joint spills with decay; 0 is the
+# setting timed); NLC_DELTA_CHUNKS_TUNE (key=N,...) overrides them, read at every call
+TUNE = {"block": 32, "warps": 4, "unroll": 1, "maxnreg": 0, "joint": 0,
         "bwd_block": 32, "bwd_warps": 4, "bwd_unroll": 1, "bwd_maxnreg": 0}  # fmt: skip
 _ALLOWED = {"block": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "unroll": (1, 2, 4),
-            "maxnreg": (0, 96, 128, 168, 192, 232)}  # fmt: skip
+            "maxnreg": (0, 96, 128, 168, 192, 232), "joint": (0, 1)}  # fmt: skip
 
 
 def _launch(tune: dict, prefix: str = "") -> dict:
@@ -154,7 +156,7 @@ if triton is not None:
         A, U, H, ETA, DX, KS, T, P, S, QE, Z,
         C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
         READ: tl.constexpr, HAS_DX: tl.constexpr, PREC: tl.constexpr, TPREC: tl.constexpr,
-        UNROLL: tl.constexpr,
+        UNROLL: tl.constexpr, JOINT: tl.constexpr,
     ):  # fmt: skip
         m = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, C)
@@ -163,12 +165,15 @@ if triton is not None:
         cc = rc[:, None] * C + rc[None, :]
         dec, decp, gam, gamp = _decays(DX, m, C, HAS_DX)
         eta = tl.load(ETA + m * C + rc)
-        aa, _ = _grams(A + m * C * D, H, C, D, BD, True, False, PREC, UNROLL)
+        if JOINT:  # both grams in one loop over the keys
+            aa, ha = _grams(A + m * C * D, H + m * C * D, C, D, BD, True, READ, PREC, UNROLL)
+        else:
+            aa, _ = _grams(A + m * C * D, H, C, D, BD, True, False, PREC, UNROLL)
         tl.store(KS + m * C * C + cc, eta[:, None] * decp * aa)
         tl.debug_barrier()
         invert(KS + m * C * C, T + m * C * C, C, 16)
-        # h a^T after the inverse: formed with a a^T, the forward with decay spilled (ptxas, sm_90a)
-        _, ha = _grams(A + m * C * D, H + m * C * D, C, D, BD, False, READ, PREC, UNROLL)
+        if not JOINT:  # h a^T after the inverse
+            _, ha = _grams(A + m * C * D, H + m * C * D, C, D, BD, False, READ, PREC, UNROLL)
         hA = dec * ha
         t = tl.load(T + m * C * C + cc)
         cb = -(eta * gamp)
@@ -307,7 +312,7 @@ def delta_chunks(
             _fwd_kernel[(M,)](
                 a, u, h if read else a, eta, dx if dx.dim() == 3 else eta, ks, t, p, s,
                 qe if read else p, z if read else s, C, D, E, BD, BE, read, dx.dim() == 3, prec,
-                tprec, tune["unroll"], **_launch(tune),
+                tprec, tune["unroll"], bool(tune["joint"]), **_launch(tune),
             )  # fmt: skip
     return p, s, qe, z, t
 
