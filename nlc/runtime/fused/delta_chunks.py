@@ -120,6 +120,14 @@ if triton is not None:
     from .triangular import invert
 
     @triton.jit
+    def _tiles(C: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+        """This program's chunk ``m`` and its offsets: tokens ``rc``, a block of columns of in
+        ``rd`` and of out ``re``, and ``cc`` within a row-major ``[C, C]`` matrix."""
+        rc = tl.arange(0, C)
+        return (tl.program_id(0).to(tl.int64), rc, tl.arange(0, BD), tl.arange(0, BE),
+                rc[:, None] * C + rc[None, :])  # fmt: skip
+
+    @triton.jit
     def _decays(DX, m, C: tl.constexpr, HAS_DX: tl.constexpr):
         """``A, A_prev [C, C]`` and ``gam, gam_prev [C]`` of chunk ``m`` from its decay matrix, or
         without decay (``HAS_DX`` off) the constant matrix's."""
@@ -158,11 +166,7 @@ if triton is not None:
         READ: tl.constexpr, HAS_DX: tl.constexpr, PREC: tl.constexpr, TPREC: tl.constexpr,
         UNROLL: tl.constexpr, JOINT: tl.constexpr,
     ):  # fmt: skip
-        m = tl.program_id(0).to(tl.int64)
-        rc = tl.arange(0, C)
-        rd = tl.arange(0, BD)
-        re = tl.arange(0, BE)
-        cc = rc[:, None] * C + rc[None, :]
+        m, rc, rd, re, cc = _tiles(C, BD, BE)
         dec, decp, gam, gamp = _decays(DX, m, C, HAS_DX)
         eta = tl.load(ETA + m * C + rc)
         if JOINT:  # both grams in one loop over the keys
@@ -199,11 +203,7 @@ if triton is not None:
         READ: tl.constexpr, HAS_DX: tl.constexpr, DECAYS: tl.constexpr, PREC: tl.constexpr,
         TPREC: tl.constexpr, UNROLL: tl.constexpr,
     ):  # fmt: skip
-        m = tl.program_id(0).to(tl.int64)
-        rc = tl.arange(0, C)
-        rd = tl.arange(0, BD)
-        re = tl.arange(0, BE)
-        cc = rc[:, None] * C + rc[None, :]
+        m, rc, rd, re, cc = _tiles(C, BD, BE)
         X1: tl.constexpr = C + 1
         dx = DDX + m * X1 * X1  # the decay matrix's gradient, written in stages (rows overlap)
         eta = tl.load(ETA + m * C + rc)
