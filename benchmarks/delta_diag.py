@@ -18,7 +18,8 @@ autocast with TF32 on, compiled with ``fullgraph=True`` (every chunk at once:
   ``..._solve``: with cuBLAS's triangular solve for the chunks' inverses instead of
   ``nlc.runtime.fused.triangular`` (``NLC_LINEAR_INVERSE=solve``, which takes the batched products
   too); ``..._split``: each chunk's own part in batched products instead of
-  ``nlc.runtime.fused.delta_chunks`` (``NLC_DELTA_CHUNKS=0``).
+  ``nlc.runtime.fused.delta_chunks`` (``NLC_DELTA_CHUNKS=0``); ``..._cast``: the bf16 keys, values
+  and queries copied to float32 first (``NLC_DELTA_OPERANDS=float32``) instead of read as they are.
 
 Every mode is timed with CUDA events (median of ``--steps``) in one process; ``--profile`` prints
 (and writes to ``$OUT``) the GPU kernels of one step of each nlc mode. Results go to
@@ -169,13 +170,14 @@ def main():
             _, prefixed, value = tune.rpartition("chunks:")
             os.environ["NLC_DELTA_CHUNKS_TUNE" if prefixed else "NLC_DELTA_TUNE"] = value
         base, flags = mode, set()
-        while base.endswith(("_old", "_solve", "_split")):
+        while base.endswith(("_old", "_solve", "_split", "_cast")):
             base, _, flag = base.rpartition("_")
             flags.add(flag)
         os.environ["NLC_LINEAR_CHUNKS"] = "0" if base == "loop" else "1"
         os.environ["NLC_DELTA_KERNEL"] = "0" if "old" in flags else "1"
         os.environ["NLC_LINEAR_INVERSE"] = "solve" if "solve" in flags else "kernel"
         os.environ["NLC_DELTA_CHUNKS"] = "0" if "split" in flags else "1"
+        os.environ["NLC_DELTA_OPERANDS"] = "float32" if "cast" in flags else "own"
         row = {"mode": mode, "tune": tune, "B": B, "T": T, "H": H, "D": D, "chunk": args.chunk}
         try:
             if base in ("linear", "linear_cg", "loop"):

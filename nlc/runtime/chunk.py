@@ -541,7 +541,9 @@ def _check_shapes(spec: MemorySpec, weights0, moms0, k, target, q, read) -> None
             )
 
 
-def _prepare(weights0, moms0, k, target, q, eta, alpha, beta, rule):
+def _prepare(weights0, moms0, k, target, q, eta, alpha, beta, rule, operands: bool = True):
+    """Everything cast to the compute dtype (``operands`` off: the keys, targets and queries
+    left as they are, for a caller that casts them only where it must)."""
     dt = _compute_dtype(*weights0, *(moms0 or ()), k, target, q, eta, alpha, beta)
     dev = k.device
     shape = k.shape[:-1]
@@ -553,9 +555,10 @@ def _prepare(weights0, moms0, k, target, q, eta, alpha, beta, rule):
             if moms0 is None
             else [s.to(dt) for s in moms0]
         )
-    k = k.to(dt)
-    target = target.to(dt)
-    q = q.to(dt) if q is not None else None
+    if operands:
+        k = k.to(dt)
+        target = target.to(dt)
+        q = q.to(dt) if q is not None else None
     eta = _gate(eta, shape, dt, dev)
     alpha = _gate(alpha, shape, dt, dev) if alpha is not None else None
     beta = _gate(beta, shape, dt, dev) if rule.uses_momentum else None
@@ -824,10 +827,15 @@ def scan(
         _check_call(rule, read, moms0, beta, objective)
         _check_shapes(spec, weights0, moms0, k, target, q, read)
         start = T // chunk * chunk
+
+        def full(x: Tensor | None, dims: int) -> Tensor | None:  # the full chunks' tokens
+            if x is None or start == T:  # the whole (no slice: eagerly its backward copies)
+                return x
+            return x[..., :start, :] if dims == 2 else x[..., :start]
+
         y, W = _linear.run(
-            spec, rule, weights0, k[..., :start, :], target[..., :start, :],
-            q[..., :start, :] if q is not None else None, eta[..., :start],
-            alpha[..., :start] if alpha is not None else None, chunk, read,
+            spec, rule, weights0, full(k, 2), full(target, 2), full(q, 2), full(eta, 1), full(alpha, 1),
+            chunk, read,
         )  # fmt: skip
         if y is not None:
             ys.append(y)

@@ -249,24 +249,30 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
 
     ``W0`` ``[..., out, in]`` (broadcast to the keys' batch); keys ``k`` and queries ``q``
     ``[..., T, in]``, targets ``[..., T, out]``, gates ``eta``, ``alpha`` ``[..., T]`` (``alpha``
-    ``None``: no decay), all in the compute dtype (``chunk._prepare``); ``T`` a multiple of ``C``.
-    Returns ``(y [..., T, out] or None without queries, W at the end [..., out, in])``.
+    ``None``: no decay), in the compute dtype (``chunk._prepare``; keys, targets and queries may
+    be in a lower one, cast here unless both kernels read them as they are: :func:`keeps_operands`);
+    ``T`` a multiple of ``C``. Returns ``(y [..., T, out] or None without queries, W at the end
+    [..., out, in])``.
     """
     from .chunk import _Coeffs
 
     T = k.shape[-2]
     n = T // C
     dt = W0.dtype
-    a = k.unflatten(-2, (n, C))  # [..., n, C, in]
-    u = -target.unflatten(-2, (n, C))  # dl/dy of the dot objective: [..., n, C, out]
     eta = eta.unflatten(-1, (n, C))
     alpha = alpha.unflatten(-1, (n, C)) if alpha is not None else None
     dgd = rule.kind == "dgd"
+    din, dout = k.shape[-1], target.shape[-1]
+    fused = dgd and dt == torch.float32 and _fused_applies(din, dout, C, n, _batch_size(W0, k), k.device)
+    if not (fused and keeps_operands(k, target, q)):
+        k, target = k.to(dt), target.to(dt)
+        q = q.to(dt) if q is not None else None
+    a = k.unflatten(-2, (n, C))  # [..., n, C, in]
     if dgd and rule.dgd_form == "normalized":
-        eta = eta / (1.0 + eta * (a * a).sum(-1))
-    din, dout = a.shape[-1], u.shape[-1]
-    if dgd and dt == torch.float32 and _fused_applies(din, dout, C, n, _batch_size(W0, a), k.device):
-        return _fused_sequence(a, u, eta, alpha, W0, q, n, C, read)
+        eta = eta / (1.0 + eta * a.to(dt).square().sum(-1))
+    if fused:  # the targets as they are: the chunk kernel takes them for -u
+        return _fused_sequence(a, target.unflatten(-2, (n, C)), eta, alpha, W0, q, n, C, read)
+    u = -target.unflatten(-2, (n, C))  # dl/dy of the dot objective: [..., n, C, out]
     full = dgd or read == "causal"
     co = _Coeffs(alpha, None, C, momentum=False, full=full, dgd=dgd, dtype=dt, device=k.device)
 
@@ -281,7 +287,7 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
         rhs = torch.cat([(-eta * co.gam_prev)[..., None] * a, eta[..., None] * apply(geta_prev, aa)], dim=-1)
         X = solve_unit_lower(K, rhs.to(K.dtype))
         P, w_free = X[..., : a.shape[-1]], X[..., a.shape[-1]:]
-    if dgd and dt == torch.float32 and _delta.applies(din, dout, C, n, _batch_size(W0, a), k.device):
+    if dgd and dt == torch.float32 and _delta.applies(din, dout, C, n, _batch_size(W0, k), k.device):
         return _kernel_sequence(co, a, u, eta, geta, apply, X, W0, q, n, C, read)
     # the chunk's end state, affine in its start state: W_end = W_0 M + F with
     # M = gamma_end I + U^T a, U = A_end * P (rank C): formed as an [in, in] matrix when that is
@@ -329,9 +335,20 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
     return y.flatten(-3, -2), W
 
 
-def _batch_size(W0: Tensor, a: Tensor) -> int:
+def keeps_operands(k: Tensor, target: Tensor, q: Tensor | None) -> bool:
+    """Whether the two kernels' path takes these keys, targets and queries in their own dtype
+    (float32, bf16 or float16: the chunk kernel reads them as float32, the recurrence takes the
+    keys as its products' operands), without a float32 copy of each and a cast of each gradient
+    back. ``NLC_DELTA_OPERANDS=float32`` casts them first, as before (for comparisons)."""
+    if os.environ.get("NLC_DELTA_OPERANDS", "own") == "float32":
+        return False
+    return all(x is None or x.dtype in _chunks._READS for x in (k, target, q))
+
+
+def _batch_size(W0: Tensor, k: Tensor) -> int:
+    """Memories in the batch: ``W0`` ``[..., out, in]`` against the keys ``[..., T, in]``."""
     N = 1
-    for s in torch.broadcast_shapes(W0.shape[:-2], a.shape[:-3]):
+    for s in torch.broadcast_shapes(W0.shape[:-2], k.shape[:-2]):
         N *= s
     return N
 
@@ -345,8 +362,9 @@ def _fused_applies(din: int, dout: int, C: int, n: int, N: int, device) -> bool:
     return _delta.applies(din, dout, C, n, N, device) and _chunks.applies(din, dout, C, N * n, device)
 
 
-def _fused_sequence(a, u, eta, alpha, W0, q, n: int, C: int, read: str):
-    """The dgd chunks in two kernels each way: every chunk's own part at once
+def _fused_sequence(a, target, eta, alpha, W0, q, n: int, C: int, read: str):
+    """The dgd chunks in two kernels each way (keys, targets and queries as they come, in float32
+    or, under autocast, bf16): every chunk's own part at once
     (``fused.delta_chunks``: ``P``, ``s = w_free - v`` and the read's ``Qeff, z_free`` from the
     keys, values, queries, rates and the chunk's decay matrix, without ``_Coeffs``' matrices or the
     batched products), then the recurrence and the read of the state (``fused.delta``). The
@@ -356,14 +374,15 @@ def _fused_sequence(a, u, eta, alpha, W0, q, n: int, C: int, read: str):
     from .chunk import decay_matrix
 
     h = q.unflatten(-2, (n, C)) if q is not None else None
+    dt = eta.dtype  # the compute dtype (float32), whatever the keys'
     if alpha is None:
         dx = None
-        gam_end = torch.ones(n, dtype=a.dtype, device=a.device)
-        Ae = torch.ones(n, C, dtype=a.dtype, device=a.device)
+        gam_end = torch.ones(n, dtype=dt, device=a.device)
+        Ae = torch.ones(n, C, dtype=dt, device=a.device)
     else:
-        dx = decay_matrix(alpha, C, dtype=a.dtype, device=a.device)  # [..., n, C+1, C+1]
+        dx = decay_matrix(alpha, C, dtype=dt, device=a.device)  # [..., n, C+1, C+1]
         gam_end, Ae = dx[..., C, 0], dx[..., C, 1:]  # the decays to the chunk's end, and over it
-    P, s, qe, z = _chunks.run(a, u, h if read == "causal" else None, eta, dx)
+    P, s, qe, z = _chunks.run(a, target, h if read == "causal" else None, eta, dx, neg_u=True)
     if read == "chunk":
         qe = h
     y, W = _delta.run(W0, gam_end, P, s, Ae, None, a, qe, z)  # y: qe W^T + z
@@ -401,9 +420,12 @@ def run(spec, rule, weights0, k: Tensor, target: Tensor, q: Tensor | None, eta, 
         read: str) -> tuple[Tensor | None, list[Tensor]]:
     """:func:`sequence` on the caller's tensors: ``weights0`` (one weight), keys, targets, queries
     and gates of the full chunks as ``chunk_step`` takes them, cast to the compute dtype
-    (``chunk._prepare``). Returns ``(y or None, [W at the end])`` in that dtype."""
+    (``chunk._prepare``; keys, targets and queries left in theirs where :func:`sequence` may keep
+    them). Returns ``(y or None, [W at the end])`` in that dtype."""
     from .chunk import _prepare
 
-    dt, W0, _, k, target, q, eta, alpha, _ = _prepare(weights0, None, k, target, q, eta, alpha, None, rule)
+    dt, W0, _, k, target, q, eta, alpha, _ = _prepare(
+        weights0, None, k, target, q, eta, alpha, None, rule, operands=not keeps_operands(k, target, q)
+    )
     y, w = sequence(spec, rule, W0[0], k, target, q, eta, alpha, C, read)
     return y, [w.to(dt)]

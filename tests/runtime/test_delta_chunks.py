@@ -104,6 +104,28 @@ def test_chunks_op_with_joint_grams(device, monkeypatch, decay):
     _check(got, want, True, decay=decay)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_chunks_op_reads_low_precision_operands(device, dtype, tol):
+    """Keys, values and queries in bf16 or float16 are read as they are (no float32 copy of
+    them), the values given negated (``neg_u``: the targets themselves): outputs and gradients
+    match the float64 reference of the same rounded values, and each gradient comes back in its
+    input's dtype (a float32 sum rounded once: ``tol`` is that dtype's rounding; the interpreter
+    truncates where a GPU rounds)."""
+    import functools
+
+    leaves = _inputs((2, 3), 32, 32, 16, True, seed_of("chunks low", dtype), shared_decays=True)
+    leaves = [x.to(dtype).to(F64) if i < 3 else x for i, x in enumerate(leaves)]  # values dtype holds
+    live = [x.to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(leaves)]
+    outs = delta_chunks.run(*live, neg_u=True)
+    g = torch.Generator().manual_seed(11)
+    probe = sum((o.double().cpu() * torch.randn(o.shape, generator=g, dtype=F64)).sum() for o in outs)
+    grads = torch.autograd.grad(probe, live)
+    assert [d.dtype for d in grads] == [x.dtype for x in live]
+    got = [o.detach().double().cpu() for o in outs], [d.double().cpu() for d in grads]
+    want = _outputs_and_grads(functools.partial(delta_chunks.reference, neg_u=True), leaves, "cpu", F64)
+    _check(got, want, True, tol=tol)
+
+
 @pytest.mark.parametrize("used", [(0,), (1, 3), (2,)])
 def test_chunks_op_with_outputs_unused(device, used):
     """Outputs left out of the loss come to the backward as None (not materialized); the inputs'
@@ -155,15 +177,20 @@ def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
     assert delta_chunks._tune() == dict(delta_chunks.TUNE, block=16, bwd_warps=4)
 
 
-@pytest.mark.parametrize("read,decays,low", [(True, True, False), (False, True, False), (True, False, False),
-                                              (False, False, False), (True, None, False), (False, None, False),
-                                              (True, None, True), (False, True, True)])  # fmt: skip
-def test_chunks_op_passes_opcheck(device, read, decays, low):
+@pytest.mark.parametrize("read,decays,low,own", [(True, True, False, False), (False, True, False, False),
+                                                  (True, False, False, False), (False, False, False, False),
+                                                  (True, None, False, False), (False, None, False, False),
+                                                  (True, None, True, False), (False, True, True, False),
+                                                  (True, None, True, True), (True, True, False, True)])  # fmt: skip
+def test_chunks_op_passes_opcheck(device, read, decays, low, own):
     """``torch.library.opcheck`` on ``nlc::delta_chunks``: its schema, fake tensors (the shapes and
     strides compiled callers plan with), autograd registration and AOT dispatch, with and without
-    the read, with decays that need a gradient or not, or none (an empty decay matrix), and with
-    ``P``, ``qe`` written in bf16 (``low``)."""
+    the read, with decays that need a gradient or not, or none (an empty decay matrix), with
+    ``P``, ``qe`` written in bf16 (``low``), and with bf16 keys, values and queries read as they
+    are, the values negated (``own``)."""
     a, u, h, eta, dx = (t if t is None else t.float().to(device) for t in _inputs((3,), 16, 32, 16, read, 7))
+    if own:
+        a, u, h = (t if t is None else t.bfloat16() for t in (a, u, h))
     for t in (a, u, h, eta):
         if t is not None:
             t.requires_grad_()
@@ -171,13 +198,13 @@ def test_chunks_op_passes_opcheck(device, read, decays, low):
         dx = a.new_empty(0)
     else:
         dx.requires_grad_(decays)
-    args = (a, u, h if read else a.new_empty(0), eta, dx, read, low, "ieee", "ieee")
+    args = (a, u, h if read else a.new_empty(0), eta, dx, read, low, "ieee", "ieee", own)
     torch.library.opcheck(delta_chunks.delta_chunks, args)
     with torch.no_grad():  # the backward op on its own (no autograd of its own)
         p, wf, qe, z, t = delta_chunks.delta_chunks(*args)
         grads = [torch.randn_like(x) if x.numel() else x for x in (p, wf, qe, z)]  # in each dtype
         inputs = [x.detach() for x in args[:5]]
-        args = (*inputs, t, p, wf, *grads, read, bool(decays), "ieee", "ieee")
+        args = (*inputs, t, p, wf, *grads, read, bool(decays), "ieee", "ieee", own)
     torch.library.opcheck(delta_chunks.delta_chunks_backward, args)
 
 
@@ -236,7 +263,7 @@ def test_sequence_without_queries_through_the_kernels(device, monkeypatch):
     ]
     calls = []
     real = delta_chunks.run
-    monkeypatch.setattr(delta_chunks, "run", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(delta_chunks, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
     probe = torch.randn(B, H, 32, 16, generator=g, dtype=F64)
     results = []

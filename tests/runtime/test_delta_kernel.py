@@ -185,7 +185,7 @@ def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkey
     calls = []
     real, real_chunks = delta.run, delta_chunks.run
     monkeypatch.setattr(delta, "run", lambda *a: calls.append("delta") or real(*a))
-    monkeypatch.setattr(delta_chunks, "run", lambda *a: calls.append("chunks") or real_chunks(*a))
+    monkeypatch.setattr(delta_chunks, "run", lambda *a, **kw: calls.append("chunks") or real_chunks(*a, **kw))
     monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")  # on the CPU too
     monkeypatch.setenv("NLC_DELTA_CHUNKS", chunks)
 
@@ -200,6 +200,62 @@ def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkey
     compare(spec, "dot", rule, p, 16, read, tol=1e-4, fn=on_device)
     assert "delta" in calls, "scan did not take the delta kernels"
     assert ("chunks" in calls) == (chunks == "1")
+
+
+class _BigCopies:
+    """Counts copies (``_to_copy``, ``copy_``, ``clone``) of tensors with at least ``numel``
+    elements, forward and backward, while active."""
+
+    def __init__(self, numel: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.count = 0
+        ops = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten.clone.default}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in ops and args[0].numel() >= numel:
+                    outer.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_scan_under_bf16_autocast_reads_bf16_operands_as_they_are(device, monkeypatch, decay):
+    """Under bf16 autocast a model's bf16 keys, values and queries reach both kernels as they are
+    and their gradients come back in bf16: no copy the size of the keys runs, forward or backward
+    (``NLC_DELTA_OPERANDS=float32``, the float32 copies first, makes several: the count can
+    fail). The read and end state equal that path's, the values' and queries' gradients too; the
+    keys' (two bf16 parts summed, against a float32 sum rounded once) agree to bf16 rounding."""
+    if device != "cuda":
+        pytest.skip("bf16 products: CUDA")
+    spec, rule = MemorySpec("linear", 32, 32), RuleSpec("dgd")
+    g = torch.Generator().manual_seed(seed_of("bf16 operands", decay))
+    B, H, T = 2, 2, 64
+    k = torch.nn.functional.normalize(torch.randn(B, H, T, 32, generator=g), dim=-1)
+    leaves = [k, torch.randn(B, H, T, 32, generator=g), torch.randn(B, H, T, 32, generator=g) * 32**-0.5]
+    W0 = (torch.randn(H, 32, 32, generator=g) * 0.1).to(device)
+    eta = torch.rand(B, H, T, generator=g).to(device)
+    alpha = (0.9 + 0.1 * torch.rand(B, H, T, generator=g)).to(device) if decay else None
+    probe = torch.randn(B, H, T, 32, generator=g).to(device)
+    results = []
+    for operands in ("own", "float32"):
+        monkeypatch.setenv("NLC_DELTA_OPERANDS", operands)
+        k, v, q = (x.to(device, torch.bfloat16).requires_grad_() for x in leaves)
+        copies = _BigCopies(k.numel())
+        with copies.mode, torch.autocast("cuda", dtype=torch.bfloat16):
+            y, W, _ = scan(spec, "dot", rule, [W0], None, k, v, q, eta, alpha, None, chunk=16, read="causal")
+            (y * probe).sum().backward()
+        assert [x.grad.dtype for x in (k, v, q)] == [torch.bfloat16] * 3
+        results.append((copies.count, y.detach(), W[0].detach(), k.grad, v.grad, q.grad))
+    own, cast = results
+    assert own[0] == 0, f"{own[0]} copies the size of the keys"
+    assert cast[0] >= 3
+    for name, a, b in zip(["y", "W", "dk", "dv", "dq"], own[1:], cast[1:]):
+        tol = 1e-2 if name == "dk" else 1e-6
+        _close(a.double().cpu(), b.double().cpu(), name, tol)
 
 
 @pytest.mark.parametrize("C", [16, 64, 128])

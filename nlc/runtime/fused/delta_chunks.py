@@ -38,11 +38,14 @@ else TF32 or IEEE float32 by ``torch.backends.cuda.matmul.allow_tf32``); the pro
 and the inverse itself stay float32 under autocast (TF32 or IEEE by the same flag; the inverse in
 IEEE), as ``linear_chunks``' solve does. One exception, a Triton workaround (``_precisions``):
 under bf16 autocast with TF32 on, the key and query products run TF32 too (more precise than
-bf16, not less). Inputs are float32, and so are the outputs but for ``P`` and ``qe`` under bf16
-autocast: those are ``fused.delta``'s product operands, written in bf16 as it takes them (their
-gradients come back in bf16; the backward's sums stay float32, but its products with ``P``,
-``gb P^T`` and ``dqe P^T``, then take the bf16-rounded ``P``: about 1e-3 relative on the
-gradients). Chunks of at most 64 tokens
+bf16, not less). The rates and decays are float32; keys, values and queries float32, bf16 or
+float16, each read as float32 (a bf16 value is exact in TF32 and float32: no float32 copy of a
+caller's bf16 projections is made), their gradients summed in float32 and written in their own
+dtype; the values may come negated (``neg_u``: the targets themselves, no ``-target`` tensor made).
+The outputs are float32 but for ``P`` and ``qe`` under bf16 autocast: those are ``fused.delta``'s
+product operands, written in bf16 as it takes them (their gradients come back in bf16; the
+backward's sums stay float32, but its products with ``P``, ``gb P^T`` and ``dqe P^T``, then take
+the bf16-rounded ``P``: about 1e-3 relative on the gradients). Chunks of at most 64 tokens
 (:func:`applies`). The loops over blocks of columns are not unrolled (``TUNE``): unrolled, ptxas
 gave the forward 255 registers a thread without decay, against 180 (sm_90a).
 ``tests/runtime/test_delta_chunks.py`` checks both kernels against :func:`reference` in float64
@@ -61,6 +64,8 @@ from .delta import _device, pow2, switched_on, tune_from_env
 from .mlp2 import precision
 
 __all__ = ["applies", "delta_chunks", "reference", "run"]
+
+_READS = (torch.float32, torch.bfloat16, torch.float16)  # the keys', values' and queries' dtypes read
 
 # for the forward and the backward kernel: columns of in / out per block of the products, warps
 # per program (a program holds several [C, C] float32 matrices), the unroll factor of the loops
@@ -152,11 +157,11 @@ if triton is not None:
         ha = tl.zeros([C, C], tl.float32)
         for j in tl.range(0, D // BD, loop_unroll_factor=UNROLL):
             off = rc[:, None] * D + j * BD + rd[None, :]
-            a = tl.load(Ab + off)
+            a = tl.load(Ab + off).to(tl.float32)
             if AA:
                 aa += _dot(a, tl.trans(a), PREC)
             if HA:
-                ha += _dot(tl.load(Hb + off), tl.trans(a), PREC)
+                ha += _dot(tl.load(Hb + off).to(tl.float32), tl.trans(a), PREC)
         return aa, ha
 
     @triton.jit
@@ -164,7 +169,7 @@ if triton is not None:
         A, U, H, ETA, DX, KS, T, P, S, QE, Z,
         C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
         READ: tl.constexpr, HAS_DX: tl.constexpr, PREC: tl.constexpr, TPREC: tl.constexpr,
-        UNROLL: tl.constexpr, JOINT: tl.constexpr,
+        UNROLL: tl.constexpr, JOINT: tl.constexpr, SIGN: tl.constexpr,
     ):  # fmt: skip
         m, rc, rd, re, cc = _tiles(C, BD, BE)
         dec, decp, gam, gamp = _decays(DX, m, C, HAS_DX)
@@ -183,14 +188,14 @@ if triton is not None:
         cb = -(eta * gamp)
         for j in tl.range(0, D // BD, loop_unroll_factor=UNROLL):
             off = m * C * D + rc[:, None] * D + j * BD + rd[None, :]
-            p = _dot(t, cb[:, None] * tl.load(A + off), TPREC)
+            p = _dot(t, cb[:, None] * tl.load(A + off).to(tl.float32), TPREC)
             tl.store(P + off, p.to(P.dtype.element_ty))
             if READ:
-                qe = gam[:, None] * tl.load(H + off) + _dot(hA, p, PREC)
+                qe = gam[:, None] * tl.load(H + off).to(tl.float32) + _dot(hA, p, PREC)
                 tl.store(QE + off, qe.to(QE.dtype.element_ty))
         for j in tl.range(0, E // BE, loop_unroll_factor=UNROLL):
             off = m * C * E + rc[:, None] * E + j * BE + re[None, :]
-            v = eta[:, None] * tl.load(U + off)
+            v = (SIGN * eta)[:, None] * tl.load(U + off).to(tl.float32)
             tv = _dot(t, v, TPREC)
             tl.store(S + off, -tv)
             if READ:
@@ -201,7 +206,7 @@ if triton is not None:
         A, U, H, ETA, DX, T, P, S, DP, DS, DQE, DZ, DA, DU, DH, DETA, DDX,
         C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
         READ: tl.constexpr, HAS_DX: tl.constexpr, DECAYS: tl.constexpr, PREC: tl.constexpr,
-        TPREC: tl.constexpr, UNROLL: tl.constexpr,
+        TPREC: tl.constexpr, UNROLL: tl.constexpr, SIGN: tl.constexpr,
     ):  # fmt: skip
         m, rc, rd, re, cc = _tiles(C, BD, BE)
         X1: tl.constexpr = C + 1
@@ -235,8 +240,8 @@ if triton is not None:
                 dhA -= _dot(dz, tl.trans(tv), PREC)
                 dtv -= _dot(tl.trans(hA), dz, PREC)
             gv = _dot(tl.trans(t), dtv, TPREC)
-            tl.store(DU + off, eta[:, None] * gv)
-            deta += tl.sum(gv * tl.load(U + off), 1)
+            tl.store(DU + off, ((SIGN * eta)[:, None] * gv).to(DU.dtype.element_ty))
+            deta += SIGN * tl.sum(gv * tl.load(U + off).to(tl.float32), 1)
             dK -= _dot(gv, tl.trans(tv), TPREC)
         # 3. K = eta A_prev * aa, hA = A * ha (the grams again: fewer matrices live in 1 and 2);
         # A_prev's gradient fills rows 0..C-1 of the decays' gradient, then A's adds to rows 1..C
@@ -261,7 +266,7 @@ if triton is not None:
         cb = eta * gamp
         for j in tl.range(0, D // BD, loop_unroll_factor=UNROLL):
             off = m * C * D + rc[:, None] * D + j * BD + rd[None, :]
-            a = tl.load(A + off)
+            a = tl.load(A + off).to(tl.float32)
             dp = tl.load(DP + off).to(tl.float32)
             if READ:
                 dqe = tl.load(DQE + off).to(tl.float32)
@@ -270,11 +275,11 @@ if triton is not None:
             dcb += tl.sum(db * a, 1)
             da = cb[:, None] * db + _dot(dS, a, PREC)
             if READ:
-                h = tl.load(H + off)
+                h = tl.load(H + off).to(tl.float32)
                 da += _dot(tl.trans(dha), h, PREC)
                 dgam += tl.sum(h * dqe, 1)
-                tl.store(DH + off, gam[:, None] * dqe + _dot(dha, a, PREC))
-            tl.store(DA + off, da)
+                tl.store(DH + off, (gam[:, None] * dqe + _dot(dha, a, PREC)).to(DH.dtype.element_ty))
+            tl.store(DA + off, da.to(DA.dtype.element_ty))
         tl.store(DETA + m * C + rc, deta + dcb * gamp)
         # 5. the decays' column 0: gam_prev's gradient in rows 0..C-1, then gam's added to 1..C
         if DECAYS:
@@ -287,11 +292,13 @@ if triton is not None:
 @torch.library.custom_op("nlc::delta_chunks", mutates_args=())
 def delta_chunks(
     a: Tensor, u: Tensor, h: Tensor, eta: Tensor, dx: Tensor, read: bool, low: bool, prec: str,
-    tprec: str,
+    tprec: str, neg_u: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The module's forward for ``M`` chunks: a, h ``[M, C, in]``, u ``[M, C, out]``, eta
-    ``[M, C]``, dx ``[M, C+1, C+1]`` or an empty ``[0]`` tensor (no decay), all float32 (``read``
-    off: ``h`` is ignored). Returns ``(P [M, C, in], s [M, C, out], qe [M, C, in], z [M, C, out],
+    """The module's forward for ``M`` chunks: a, h ``[M, C, in]``, u ``[M, C, out]`` (``neg_u``:
+    given as ``-u``, the targets), eta ``[M, C]``, dx ``[M, C+1, C+1]`` or an empty ``[0]`` tensor
+    (no decay); eta and dx float32, a, u and h float32, bf16 or float16 (read as float32: a
+    caller's bf16 keys, values and queries need no float32 copy), ``read`` off: ``h`` is ignored.
+    Returns ``(P [M, C, in], s [M, C, out], qe [M, C, in], z [M, C, out],
     T [M, C, C])``, float32 but for ``P`` and ``qe``, bf16 with ``low`` (the recurrence's operands
     under bf16 autocast: written once, not cast after); ``qe`` and ``z`` are empty ``[0]`` tensors
     without the read; ``T`` is for the backward. ``dx`` must be zero above its diagonal, as
@@ -302,40 +309,40 @@ def delta_chunks(
     E = u.shape[-1]
     tune = _tune()
     BD, BE = min(D, tune["block"]), min(E, tune["block"])
-    ks, t = a.new_empty(M, C, C), a.new_empty(M, C, C)
+    ks, t = eta.new_empty(M, C, C), eta.new_empty(M, C, C)
     od = torch.bfloat16 if low else torch.float32
-    p, s = torch.empty_like(a, dtype=od), torch.empty_like(u)
-    qe = torch.empty_like(a, dtype=od) if read else a.new_empty(0)
-    z = torch.empty_like(u) if read else a.new_empty(0)
+    p, s = torch.empty_like(a, dtype=od), torch.empty_like(u, dtype=torch.float32)
+    qe = torch.empty_like(a, dtype=od) if read else eta.new_empty(0)
+    z = torch.empty_like(u, dtype=torch.float32) if read else eta.new_empty(0)
     if M:
         with _device(a):
             _fwd_kernel[(M,)](
                 a, u, h if read else a, eta, dx if dx.dim() == 3 else eta, ks, t, p, s,
                 qe if read else p, z if read else s, C, D, E, BD, BE, read, dx.dim() == 3, prec,
-                tprec, tune["unroll"], bool(tune["joint"]), **_launch(tune),
+                tprec, tune["unroll"], bool(tune["joint"]), -1.0 if neg_u else 1.0, **_launch(tune),
             )  # fmt: skip
     return p, s, qe, z, t
 
 
 @delta_chunks.register_fake
-def _(a, u, h, eta, dx, read, low, prec, tprec):
+def _(a, u, h, eta, dx, read, low, prec, tprec, neg_u):
     M, C, _ = a.shape
     od = torch.bfloat16 if low else torch.float32
-    qe = a.new_empty(a.shape, dtype=od) if read else a.new_empty(0)
-    z = u.new_empty(u.shape) if read else a.new_empty(0)
-    return a.new_empty(a.shape, dtype=od), u.new_empty(u.shape), qe, z, a.new_empty(M, C, C)
+    qe = a.new_empty(a.shape, dtype=od) if read else eta.new_empty(0)
+    z = eta.new_empty(u.shape) if read else eta.new_empty(0)
+    return a.new_empty(a.shape, dtype=od), eta.new_empty(u.shape), qe, z, eta.new_empty(M, C, C)
 
 
 @torch.library.custom_op("nlc::delta_chunks_backward", mutates_args=())
 def delta_chunks_backward(
     a: Tensor, u: Tensor, h: Tensor, eta: Tensor, dx: Tensor, t: Tensor, p: Tensor, s: Tensor,
     dp: Tensor, ds: Tensor, dqe: Tensor, dz: Tensor, read: bool, decays: bool, prec: str,
-    tprec: str,
+    tprec: str, neg_u: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(a, u, h, eta, dx)`` of :func:`delta_chunks` from those of ``P, s`` and (with
-    the read) ``qe, z`` (``P``'s and ``qe``'s in their dtype); ``dh`` is an empty ``[0]`` tensor
-    without the read, ``ddx`` without ``decays`` (no decay matrix, or one that needs no
-    gradient)."""
+    the read) ``qe, z`` (``P``'s and ``qe``'s in their dtype), each in its input's dtype (summed
+    in float32, rounded once as it is written); ``dh`` is an empty ``[0]`` tensor without the
+    read, ``ddx`` without ``decays`` (no decay matrix, or one that needs no gradient)."""
     a, u, h, eta, dx, t, p, s, dp, ds, dqe, dz = (
         x.contiguous() for x in (a, u, h, eta, dx, t, p, s, dp, ds, dqe, dz)
     )
@@ -346,7 +353,7 @@ def delta_chunks_backward(
     has_dx = dx.dim() == 3
     decays = decays and has_dx
     da, du = torch.empty_like(a), torch.empty_like(u)
-    dh = torch.empty_like(a) if read else a.new_empty(0)
+    dh = torch.empty_like(h) if read else a.new_empty(0)
     deta = torch.empty_like(eta)
     ddx = torch.empty_like(dx) if decays else dx.new_empty(0)
     if M:
@@ -355,23 +362,23 @@ def delta_chunks_backward(
                 a, u, h if read else a, eta, dx if has_dx else eta, t, p, s, dp, ds,
                 dqe if read else dp, dz if read else ds, da, du, dh if read else da, deta,
                 ddx if decays else deta, C, D, E, BD, BE, read, has_dx, decays, prec, tprec,
-                tune["bwd_unroll"], **_launch(tune, "bwd_"),
+                tune["bwd_unroll"], -1.0 if neg_u else 1.0, **_launch(tune, "bwd_"),
             )  # fmt: skip
     return da, du, dh, deta, ddx
 
 
 @delta_chunks_backward.register_fake
-def _(a, u, h, eta, dx, t, p, s, dp, ds, dqe, dz, read, decays, prec, tprec):
-    dh = a.new_empty(a.shape) if read else a.new_empty(0)
+def _(a, u, h, eta, dx, t, p, s, dp, ds, dqe, dz, read, decays, prec, tprec, neg_u):
+    dh = h.new_empty(h.shape) if read else a.new_empty(0)
     ddx = dx.new_empty(dx.shape) if decays and dx.dim() == 3 else dx.new_empty(0)
     return a.new_empty(a.shape), u.new_empty(u.shape), dh, eta.new_empty(eta.shape), ddx
 
 
 def _setup_context(ctx, inputs, output):
-    a, u, h, eta, dx, read, _, prec, tprec = inputs
+    a, u, h, eta, dx, read, _, prec, tprec, neg_u = inputs
     p, s, _, _, t = output
     ctx.save_for_backward(a, u, h, eta, dx, t, p, s)
-    ctx.read, ctx.prec, ctx.tprec = read, prec, tprec
+    ctx.read, ctx.prec, ctx.tprec, ctx.neg_u = read, prec, tprec, neg_u
     ctx.mark_non_differentiable(t)  # kept for the backward only
     ctx.set_materialize_grads(False)
 
@@ -385,22 +392,23 @@ def _backward(ctx, dp, ds, dqe, dz, _dt):
     read, decays = ctx.read, ctx.needs_input_grad[4] and dx.dim() == 3
     empty = a.new_empty(0)
     da, du, dh, deta, ddx = delta_chunks_backward(
-        a, u, h, eta, dx, t, p, s, grad(dp, p), grad(ds, s), grad(dqe, a) if read else empty,
-        grad(dz, u) if read else empty, read, decays, ctx.prec, ctx.tprec,
+        a, u, h, eta, dx, t, p, s, grad(dp, p), grad(ds, s), grad(dqe, p) if read else empty,
+        grad(dz, s) if read else empty, read, decays, ctx.prec, ctx.tprec, ctx.neg_u,
     )  # fmt: skip
-    return da, du, dh if read else None, deta, ddx if decays else None, None, None, None, None
+    return da, du, dh if read else None, deta, ddx if decays else None, None, None, None, None, None
 
 
 delta_chunks.register_autograd(_backward, setup_context=_setup_context)
 
 
-def run(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None
+def run(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None, neg_u: bool = False
         ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """:func:`delta_chunks` on the caller's tensors: keys ``a`` ``[..., C, in]``, values ``u``
-    ``[..., C, out]``, queries ``h`` ``[..., C, in]`` or None (no causal read), rates ``eta``
-    ``[..., C]`` and decay matrices ``dx`` ``[..., C+1, C+1]`` (zero above the diagonal, as
-    ``chunk.decay_matrix`` makes them) or None (no decay), batch shapes that broadcast, any float
-    dtype (computed in float32). Returns ``(P, s, qe, z)`` (the last two None without ``h``),
+    ``[..., C, out]`` (``neg_u``: given as ``-u``), queries ``h`` ``[..., C, in]`` or None (no
+    causal read), rates ``eta`` ``[..., C]`` and decay matrices ``dx`` ``[..., C+1, C+1]`` (zero
+    above the diagonal, as ``chunk.decay_matrix`` makes them) or None (no decay), batch shapes
+    that broadcast, any float dtype (computed in float32; keys, values and queries in bf16 or
+    float16 are read as they are, and their gradients come back in that dtype). Returns ``(P, s, qe, z)`` (the last two None without ``h``),
     shaped ``[..., C, x]``, in float32 but for ``P`` and ``qe`` under bf16 autocast: bf16, the
     operand dtype ``fused.delta`` takes them in."""
     C, D = a.shape[-2:]
@@ -414,17 +422,19 @@ def run(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None
     for n in batch:
         M *= n
 
-    def flat(x: Tensor, tail: tuple[int, ...]) -> Tensor:
-        x = torch.broadcast_to(x.to(torch.float32), (*batch, *tail))
-        return x.reshape(M, *tail).contiguous()
+    def flat(x: Tensor, tail: tuple[int, ...], keep: bool = False) -> Tensor:
+        if not (keep and x.dtype in _READS):
+            x = x.to(torch.float32)
+        return torch.broadcast_to(x, (*batch, *tail)).reshape(M, *tail).contiguous()
 
     read = h is not None
     prec, tprec = _precisions(a.device.type)
     low = precision(a.device.type) == "bf16"  # fused.delta's operand dtype: bf16
     empty = a.new_empty(0, dtype=torch.float32)
     p, s, qe, z, _ = delta_chunks(
-        flat(a, (C, D)), flat(u, (C, E)), flat(h, (C, D)) if read else empty, flat(eta, (C,)),
-        flat(dx, (C + 1, C + 1)) if dx is not None else empty, read, low, prec, tprec,
+        flat(a, (C, D), True), flat(u, (C, E), True), flat(h, (C, D), True) if read else empty,
+        flat(eta, (C,)), flat(dx, (C + 1, C + 1)) if dx is not None else empty, read, low, prec,
+        tprec, neg_u,
     )  # fmt: skip
 
     def back(x: Tensor, last: int) -> Tensor:
@@ -435,9 +445,12 @@ def run(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None
     return back(p, D), back(s, E), back(qe, D), back(z, E)
 
 
-def reference(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None):
+def reference(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None,
+              neg_u: bool = False):
     """The module's equations in plain torch (autograd, any dtype): ``(P, s, qe, z)``."""
     C = a.shape[-2]
+    if neg_u:
+        u = -u
     if dx is None:
         idx = torch.arange(C + 1, device=a.device)
         dx = (idx[:, None] >= idx[None, :]).to(a.dtype)
