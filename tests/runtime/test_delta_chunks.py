@@ -136,16 +136,18 @@ def test_chunks_op_with_outputs_unused(device, used):
     _check(got, want, True)
 
 
-@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("tf32,tbf16", [(False, 0), (True, 0), (True, 1)])
 @pytest.mark.parametrize("C,D,E", [(64, 128, 128), (32, 64, 32)])
-def test_chunks_op_under_bf16_autocast_tracks_float64(device, monkeypatch, C, D, E, tf32):
+def test_chunks_op_under_bf16_autocast_tracks_float64(device, monkeypatch, C, D, E, tf32, tbf16):
     """Under bf16 autocast the key and query products take bf16 operands (the inverse and the
     products with it stay float32): values and gradients within bf16's rounding. With TF32 on,
     at the benchmark's size (4,096 chunks): the case whose bf16 and TF32 products in one kernel
-    read shared memory out of range (``delta_chunks._precisions``)."""
+    read shared memory out of range (``delta_chunks._precisions``). ``tbf16``: the products with
+    the inverse in bf16 too, within the same bound."""
     if device != "cuda":
         pytest.skip("bf16 products: CUDA")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", f"tbf16={tbf16}")
     batch = (8, 16, 32) if tf32 and C == 64 else (2, 4)
     leaves = _inputs(batch, C, D, E, True, seed_of("chunks bf16", C, D, E))
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -169,7 +171,8 @@ def test_chunks_kernels_decline(monkeypatch):
 def test_a_bad_tuning_value_is_a_setting_error(monkeypatch):
     from nlc.diagnostics import SettingError
 
-    for bad in ("block=48", "bwd_warps=3", "rows=32", "unroll=3", "bwd_maxnreg=100", "joint=2", "bwd_joint=1"):
+    for bad in ("block=48", "bwd_warps=3", "rows=32", "unroll=3", "bwd_maxnreg=100", "joint=2", "bwd_joint=1",
+                "tbf16=2"):
         monkeypatch.setenv("NLC_DELTA_CHUNKS_TUNE", bad)
         with pytest.raises(SettingError, match="NLC_DELTA_CHUNKS_TUNE"):
             delta_chunks._tune()

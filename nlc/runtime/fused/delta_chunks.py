@@ -73,11 +73,15 @@ _READS = (torch.float32, torch.bfloat16, torch.float16)  # the keys', values' an
 # and a cap on registers a thread (0: none; ptxas spills above it); for the forward, ``joint``: the
 # grams a a^T and h a^T in one loop over the keys (1) or h a^T after the inverse (0; ptxas, sm_90a:
 # 180 registers a thread without decay against 168 joint, but joint spills with decay; 0 is the
-# setting timed); NLC_DELTA_CHUNKS_TUNE (key=N,...) overrides them, read at every call
-TUNE = {"block": 32, "warps": 4, "unroll": 1, "maxnreg": 0, "joint": 0,
+# setting timed); NLC_DELTA_CHUNKS_TUNE (key=N,...) overrides them, read at every call. Two warps
+# in the forward: 0.40 ms of GPU time a step against 0.55 with four (H200, the delta-rule op of
+# benchmarks/delta_diag.py; one 0.53, eight 1.20); the backward's 0.79 ms with four, 1.12 with two
+# ``tbf16``: 1 gives the products with ``T`` bf16 operands too under bf16 autocast, both kernels
+# (every product then bf16; ``_precisions``): a precision traded for speed, off by default
+TUNE = {"block": 32, "warps": 2, "unroll": 1, "maxnreg": 0, "joint": 0, "tbf16": 0,
         "bwd_block": 32, "bwd_warps": 4, "bwd_unroll": 1, "bwd_maxnreg": 0}  # fmt: skip
 _ALLOWED = {"block": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "unroll": (1, 2, 4),
-            "maxnreg": (0, 96, 128, 168, 192, 232), "joint": (0, 1)}  # fmt: skip
+            "maxnreg": (0, 96, 128, 168, 192, 232), "joint": (0, 1), "tbf16": (0, 1)}  # fmt: skip
 
 
 def _launch(tune: dict, prefix: str = "") -> dict:
@@ -112,8 +116,13 @@ def _precisions(device_type: str) -> tuple[str, str]:
     now and then, "out-of-range shared or local address" under compute-sanitizer's memcheck, at
     every run; bf16 with IEEE, bf16 alone and TF32 alone are clean). The other way out, IEEE
     products with ``T``, made the delta-rule op 14.8 ms a step against 4.8 (``benchmarks/RESULTS.md``).
+    The setting ``tbf16=1`` (``NLC_DELTA_CHUNKS_TUNE``) runs every product in bf16 under bf16
+    autocast instead, the products with ``T`` too (``T`` rounded to bf16 as their operand; the
+    inverse itself stays IEEE float32).
     """
     prec = precision(device_type)
+    if prec == "bf16" and _tune()["tbf16"]:
+        return "bf16", "bf16"
     tprec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     if prec == "bf16" and tprec == "tf32":
         prec = "tf32"
