@@ -258,6 +258,33 @@ def test_scan_under_bf16_autocast_reads_bf16_operands_as_they_are(device, monkey
         _close(a.double().cpu(), b.double().cpu(), name, tol)
 
 
+def test_scan_reads_bf16_operands_without_autocast(device, monkeypatch):
+    """bf16 keys, values and queries without autocast (float32 products): the chunk kernel reads
+    them as they are and the recurrence takes a float32 copy of the keys (its operands' dtype);
+    the read, end state and gradients match the path that copies all three to float32 first
+    (``NLC_DELTA_OPERANDS=float32``), the gradients to bf16 rounding, all of them in bf16."""
+    spec, rule = MemorySpec("linear", 16, 32), RuleSpec("dgd")
+    g = torch.Generator().manual_seed(seed_of("bf16 no autocast"))
+    B, H, T = 2, 2, 48
+    leaves = [torch.nn.functional.normalize(torch.randn(B, H, T, 16, generator=g), dim=-1),
+              torch.randn(B, H, T, 32, generator=g), torch.randn(B, H, T, 16, generator=g) * 0.25]  # fmt: skip
+    W0 = (torch.randn(H, 32, 16, generator=g) * 0.1).to(device)
+    eta, alpha = torch.rand(B, H, T, generator=g).to(device), (0.9 + 0.1 * torch.rand(B, H, T, generator=g)).to(device)
+    probe = torch.randn(B, H, T, 32, generator=g).to(device)
+    monkeypatch.setenv("NLC_LINEAR_CHUNKS", "1")
+    results = []
+    for operands in ("own", "float32"):
+        monkeypatch.setenv("NLC_DELTA_OPERANDS", operands)
+        k, v, q = (x.to(device, torch.bfloat16).requires_grad_() for x in leaves)
+        y, W, _ = scan(spec, "dot", rule, [W0], None, k, v, q, eta, alpha, None, chunk=16, read="causal")
+        (y * probe).sum().backward()
+        assert y.dtype == W[0].dtype == torch.float32
+        assert [x.grad.dtype for x in (k, v, q)] == [torch.bfloat16] * 3
+        results.append([t.detach().double().cpu() for t in (y, W[0], k.grad, v.grad, q.grad)])
+    for name, a, b in zip(["y", "W", "dk", "dv", "dq"], *results):
+        _close(a, b, name, 1e-2 if name.startswith("d") else 1e-6)
+
+
 @pytest.mark.parametrize("C", [16, 64, 128])
 def test_unit_lower_inverse_matches_the_solve(device, C):
     """``fused.triangular.unit_lower_inverse`` (float32, forward substitution) against the
