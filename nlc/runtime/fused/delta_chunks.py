@@ -75,8 +75,8 @@ _READS = (torch.float32, torch.bfloat16, torch.float16)  # the keys', values' an
 # 180 registers a thread without decay against 168 joint, but joint spills with decay; 0 is the
 # setting timed); NLC_DELTA_CHUNKS_TUNE (key=N,...) overrides them, read at every call. Two warps
 # in the forward: 0.40 ms of GPU time a step against 0.55 with four (H200, the delta-rule op of
-# benchmarks/delta_diag.py; one 0.53, eight 1.20); the backward's 0.79 ms with four, 1.12 with two
-# ``tbf16``: 1 gives the products with ``T`` bf16 operands too under bf16 autocast, both kernels
+# benchmarks/delta_diag.py; one 0.53, eight 1.20); the backward's 0.79 ms with four, 1.12 with two.
+# ``tbf16=1`` gives the products with ``T`` bf16 operands too under bf16 autocast, both kernels
 # (every product then bf16; ``_precisions``): a precision traded for speed, off by default
 TUNE = {"block": 32, "warps": 2, "unroll": 1, "maxnreg": 0, "joint": 0, "tbf16": 0,
         "bwd_block": 32, "bwd_warps": 4, "bwd_unroll": 1, "bwd_maxnreg": 0}  # fmt: skip
@@ -417,9 +417,9 @@ def run(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None, 
     causal read), rates ``eta`` ``[..., C]`` and decay matrices ``dx`` ``[..., C+1, C+1]`` (zero
     above the diagonal, as ``chunk.decay_matrix`` makes them) or None (no decay), batch shapes
     that broadcast, any float dtype (computed in float32; keys, values and queries in bf16 or
-    float16 are read as they are, and their gradients come back in that dtype). Returns ``(P, s, qe, z)`` (the last two None without ``h``),
-    shaped ``[..., C, x]``, in float32 but for ``P`` and ``qe`` under bf16 autocast: bf16, the
-    operand dtype ``fused.delta`` takes them in."""
+    float16 are read as they are, and their gradients come back in that dtype). Returns ``(P, s,
+    qe, z)`` (the last two None without ``h``), shaped ``[..., C, x]``, in float32 but for ``P``
+    and ``qe`` under bf16 autocast: bf16, the operand dtype ``fused.delta`` takes them in."""
     C, D = a.shape[-2:]
     E = u.shape[-1]
     shapes = [a.shape[:-2], u.shape[:-2], eta.shape[:-1]]
