@@ -47,9 +47,11 @@ instead of ``_Coeffs``' matrices and the batched products (:func:`_fused_sequenc
 against 5.20 at the shape above, same run; ``NLC_DELTA_CHUNKS=0``, or ``NLC_LINEAR_INVERSE=solve``,
 keeps the batched products). There ``F``'s term folds into the chunk's write, the read's
 state-free part is added inside the recurrence kernel, and a memory without decay builds no
-decay matrix (3.73 ms a step at the shape above, H200). Keys, targets and queries in bf16 (a
-model's projections under autocast) reach both kernels as they are, with no float32 copies and
-no casts of their gradients (:func:`keeps_operands`; 3.21 ms against 3.73 in one run).
+decay matrix (3.73 ms a step at the shape above, H200). Under bf16 autocast, keys, targets and
+queries in bf16 (a model's projections) reach both kernels as they are, with no float32 copies
+and no casts of their gradients (:func:`keeps_operands`; 3.21 ms against 3.73 in one run); the
+keys' gradient is then the sum of two bf16 parts (the chunk kernel's and the recurrence's)
+instead of one float32 sum rounded once.
 
 The products ``a a^T`` and ``q a^T`` go through ``_mm_nt``, whose backward gives both gradients in
 their operands' own row-major layout (autograd's ``(x^T g)^T`` made compiled code sum the keys'
@@ -339,9 +341,11 @@ def sequence(spec, rule, W0: Tensor, k: Tensor, target: Tensor, q: Tensor | None
 
 def keeps_operands(k: Tensor, target: Tensor, q: Tensor | None) -> bool:
     """Whether the two kernels' path takes these keys, targets and queries in their own dtype
-    (float32, bf16 or float16: the chunk kernel reads them as float32, the recurrence takes the
-    keys as its products' operands), without a float32 copy of each and a cast of each gradient
-    back. ``NLC_DELTA_OPERANDS=float32`` casts them first, as before (for comparisons)."""
+    (float32, bf16 or float16): the chunk kernel reads them as float32 and writes their gradients
+    in their dtype; the recurrence casts the keys (and a chunk read's queries) to its products'
+    operand dtype only where they differ from it (bf16 under bf16 autocast, else float32). So
+    under bf16 autocast bf16 operands are copied nowhere. ``NLC_DELTA_OPERANDS=float32`` casts
+    them first, as before (for comparisons)."""
     if os.environ.get("NLC_DELTA_OPERANDS", "own") == "float32":
         return False
     return all(x is None or x.dtype in _chunks._READS for x in (k, target, q))

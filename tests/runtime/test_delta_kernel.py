@@ -203,15 +203,17 @@ def test_scan_through_the_kernels_matches_the_per_token_reference(device, monkey
 
 
 class _BigCopies:
-    """Counts copies (``_to_copy``, ``copy_``, ``clone``) of tensors with at least ``numel``
-    elements, forward and backward, while active."""
+    """Counts copies (``_to_copy``, ``copy_``, ``clone``) and negations (a ``-target`` made) of
+    tensors with at least ``numel`` elements, forward and backward, while active (ops outside
+    the custom ops: a dispatch mode does not see inside them)."""
 
     def __init__(self, numel: int):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         outer = self
         self.count = 0
-        ops = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten.clone.default}
+        ops = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten.clone.default,
+               torch.ops.aten.neg.default}  # fmt: skip
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -259,10 +261,21 @@ def test_scan_under_bf16_autocast_reads_bf16_operands_as_they_are(device, monkey
 
 
 def test_scan_reads_bf16_operands_without_autocast(device, monkeypatch):
-    """bf16 keys, values and queries without autocast (float32 products): the chunk kernel reads
-    them as they are and the recurrence takes a float32 copy of the keys (its operands' dtype);
-    the read, end state and gradients match the path that copies all three to float32 first
-    (``NLC_DELTA_OPERANDS=float32``), the gradients to bf16 rounding, all of them in bf16."""
+    """bf16 keys, values and queries without autocast (float32 products): the chunk kernel gets
+    them as they are, the targets for ``-u`` (``neg_u``), and the recurrence takes a float32 copy
+    of the keys (its operands' dtype); the read, end state and gradients match the path that
+    copies all three to float32 first (``NLC_DELTA_OPERANDS=float32``, whose chunk kernel gets
+    float32), the gradients to bf16 rounding, all of them in bf16."""
+    from nlc.runtime.fused import delta_chunks
+
+    given = []
+    real = delta_chunks.run
+
+    def spy(a, u, h, eta, dx, neg_u=False):
+        given.append((a.dtype, u.dtype, h.dtype, neg_u))
+        return real(a, u, h, eta, dx, neg_u=neg_u)
+
+    monkeypatch.setattr(delta_chunks, "run", spy)
     spec, rule = MemorySpec("linear", 16, 32), RuleSpec("dgd")
     g = torch.Generator().manual_seed(seed_of("bf16 no autocast"))
     B, H, T = 2, 2, 48
@@ -281,6 +294,7 @@ def test_scan_reads_bf16_operands_without_autocast(device, monkeypatch):
         assert y.dtype == W[0].dtype == torch.float32
         assert [x.grad.dtype for x in (k, v, q)] == [torch.bfloat16] * 3
         results.append([t.detach().double().cpu() for t in (y, W[0], k.grad, v.grad, q.grad)])
+    assert given == [(torch.bfloat16,) * 3 + (True,), (torch.float32,) * 3 + (True,)]
     for name, a, b in zip(["y", "W", "dk", "dv", "dq"], *results):
         _close(a, b, name, 1e-2 if name.startswith("d") else 1e-6)
 

@@ -36,9 +36,10 @@ Precision: the products of keys and queries (``a a^T``, ``h a^T``, ``(A * h a^T)
 a^T) T v`` and their gradients) follow ``mlp2.precision`` (bf16 operands under bf16 autocast,
 else TF32 or IEEE float32 by ``torch.backends.cuda.matmul.allow_tf32``); the products with ``T``
 and the inverse itself stay float32 under autocast (TF32 or IEEE by the same flag; the inverse in
-IEEE), as ``linear_chunks``' solve does. One exception, a Triton workaround (``_precisions``):
-under bf16 autocast with TF32 on, the key and query products run TF32 too (more precise than
-bf16, not less). The rates and decays are float32; keys, values and queries float32, bf16 or
+IEEE), as ``linear_chunks``' solve does. Two exceptions (``_precisions``): a Triton workaround,
+under bf16 autocast with TF32 on the key and query products run TF32 too (more precise than
+bf16, not less); and the setting ``tbf16=1`` (off by default), under bf16 autocast every product
+bf16, those with ``T`` too. The rates and decays are float32; keys, values and queries float32, bf16 or
 float16, each read as float32 (a bf16 value is exact in TF32 and float32: no float32 copy of a
 caller's bf16 projections is made), their gradients summed in float32 and written in their own
 dtype; the values may come negated (``neg_u``: the targets themselves, no ``-target`` tensor made).
@@ -108,8 +109,8 @@ def applies(din: int, dout: int, C: int, N: int, device) -> bool:
 
 
 def _precisions(device_type: str) -> tuple[str, str]:
-    """The precisions of the key and query products and of the products with ``T`` (float32 even
-    under autocast: TF32 or IEEE).
+    """The precisions of the key and query products and of the products with ``T`` (by default
+    float32 even under autocast: TF32 or IEEE; bf16 with ``tbf16=1``).
 
     Under bf16 autocast with TF32 on, **every** product runs TF32: bf16 and TF32 products in one
     of these kernels read shared memory out of range (Triton 3.6, H200: an illegal memory access
