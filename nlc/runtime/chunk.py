@@ -828,14 +828,14 @@ def scan(
         _check_shapes(spec, weights0, moms0, k, target, q, read)
         start = T // chunk * chunk
 
-        def full(x: Tensor | None, dims: int) -> Tensor | None:  # the full chunks' tokens
+        def full(x: Tensor | None, dim: int) -> Tensor | None:  # the full chunks' tokens
             if x is None or start == T:  # the whole (no slice: eagerly its backward copies)
                 return x
-            return x[..., :start, :] if dims == 2 else x[..., :start]
+            return x.narrow(dim, 0, start)
 
         y, W = _linear.run(
-            spec, rule, weights0, full(k, 2), full(target, 2), full(q, 2), full(eta, 1), full(alpha, 1),
-            chunk, read,
+            spec, rule, weights0, full(k, -2), full(target, -2), full(q, -2), full(eta, -1),
+            full(alpha, -1), chunk, read,
         )  # fmt: skip
         if y is not None:
             ys.append(y)

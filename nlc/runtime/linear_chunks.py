@@ -348,7 +348,7 @@ def keeps_operands(k: Tensor, target: Tensor, q: Tensor | None) -> bool:
     them first, as before (for comparisons)."""
     if os.environ.get("NLC_DELTA_OPERANDS", "own") == "float32":
         return False
-    return all(x is None or x.dtype in _chunks._READS for x in (k, target, q))
+    return all(x is None or x.dtype in _chunks.READS for x in (k, target, q))
 
 
 def _batch_size(W0: Tensor, k: Tensor) -> int:

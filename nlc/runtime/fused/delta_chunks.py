@@ -66,7 +66,7 @@ from .mlp2 import precision
 
 __all__ = ["applies", "delta_chunks", "reference", "run"]
 
-_READS = (torch.float32, torch.bfloat16, torch.float16)  # the keys', values' and queries' dtypes read
+READS = (torch.float32, torch.bfloat16, torch.float16)  # the keys', values' and queries' dtypes read
 
 # for the forward and the backward kernel: columns of in / out per block of the products, warps
 # per program (a program holds several [C, C] float32 matrices), the unroll factor of the loops
@@ -433,7 +433,7 @@ def run(a: Tensor, u: Tensor, h: Tensor | None, eta: Tensor, dx: Tensor | None, 
         M *= n
 
     def flat(x: Tensor, tail: tuple[int, ...], keep: bool = False) -> Tensor:
-        if not (keep and x.dtype in _READS):
+        if not (keep and x.dtype in READS):
             x = x.to(torch.float32)
         return torch.broadcast_to(x, (*batch, *tail)).reshape(M, *tail).contiguous()
 
